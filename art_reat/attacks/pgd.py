@@ -1,0 +1,181 @@
+"""PGD as an ART evasion attack, with a pluggable attack loss and a tensor-native loop.
+
+ART's `ProjectedGradientDescentPyTorch` takes its gradient from `estimator.loss_gradient`, which
+calls `backward()` and so also fills every parameter's `.grad`; it also round-trips each batch
+through numpy. Here the attack loss is a method of the attack (`attack_loss`), its gradient is
+taken with respect to the input only (`torch.autograd.grad`), and `perturb` runs the whole attack
+on device tensors so that a trainer can call it per batch. `generate(x, y)` keeps ART's numpy
+interface for everyone else.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from art.attacks.evasion import ProjectedGradientDescentPyTorch
+
+from art_reat.errors import UsageError
+
+RANDOM_STARTS = ("uniform", "one-sided", "none")
+
+
+class TensorPGD(ProjectedGradientDescentPyTorch):
+    """PGD on `attack_loss(logits, y)` (cross-entropy here; subclasses change the loss).
+
+    :param random_start: "uniform" (x + U(-eps, eps), not clipped before the first step, as in the
+        REAT code), "one-sided" (x + eps * U[0, 1), RoBal's training attack) or "none".
+    :param model_mode: "eval" (BatchNorm statistics frozen during the attack, as in the REAT code)
+        or "train".
+    """
+
+    attack_params = ProjectedGradientDescentPyTorch.attack_params + ["random_start", "model_mode"]
+
+    def __init__(
+        self,
+        estimator,
+        norm: float | str = np.inf,
+        eps: float = 8 / 255,
+        eps_step: float = 2 / 255,
+        max_iter: int = 10,
+        targeted: bool = False,
+        random_start: str = "uniform",
+        model_mode: str = "eval",
+        batch_size: int = 128,
+        verbose: bool = False,
+    ) -> None:
+        self.random_start = random_start
+        self.model_mode = model_mode
+        super().__init__(
+            estimator,
+            norm=norm,
+            eps=eps,
+            eps_step=eps_step,
+            max_iter=max_iter,
+            targeted=targeted,
+            num_random_init=0 if random_start == "none" else 1,
+            batch_size=batch_size,
+            verbose=verbose,
+        )
+
+    # ----------------------------------------------------------------------------- ART conventions
+    def _check_params(self) -> None:
+        norm = self.norm
+        if norm not in (np.inf, "inf", 2, 2.0, "2"):
+            raise UsageError(f"invalid norm {norm!r}: must be inf or 2")
+        if not np.isscalar(self.eps) or not 0 < float(self.eps) <= 1:
+            raise UsageError(f"invalid eps {self.eps!r}: must be a number in (0, 1]")
+        if not np.isscalar(self.eps_step) or not float(self.eps_step) > 0:
+            raise UsageError(f"invalid step size {self.eps_step!r}: must be a number > 0")
+        if not isinstance(self.max_iter, int) or self.max_iter < 1:
+            raise UsageError(f"invalid number of attack steps {self.max_iter!r}: must be an integer >= 1")
+        if self.random_start not in RANDOM_STARTS:
+            raise UsageError(f"invalid random start {self.random_start!r}: must be one of {', '.join(RANDOM_STARTS)}")
+        if self.model_mode not in ("eval", "train"):
+            raise UsageError(f"invalid model mode {self.model_mode!r}: must be eval or train")
+        super()._check_params()
+
+    @property
+    def linf(self) -> bool:
+        return self.norm in (np.inf, "inf")
+
+    # --------------------------------------------------------------------------- the attack loss
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits the attack differentiates (subclasses may rescale or shift them)."""
+        return self.estimator.model(x)
+
+    def attack_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Scalar loss that PGD ascends. Summed over the batch: each sample's gradient is its own."""
+        return F.cross_entropy(logits, y, reduction="sum")
+
+    def input_gradient(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Gradient of the attack loss with respect to the input only (no parameter gradients)."""
+        x = x.detach().requires_grad_(True)
+        loss = self.attack_loss(self.logits(x), y)
+        (grad,) = torch.autograd.grad(loss, x)
+        return -grad if self.targeted else grad
+
+    # ART hook, so that ART's own `_generate_batch` machinery also uses the input-only gradient.
+    def _compute_perturbation_pytorch(self, x, y, mask, momentum):  # noqa: D401
+        if y.dim() == 2:  # ART hands one-hot targets to this hook
+            y = y.argmax(dim=1)
+        grad = torch.nan_to_num(self.input_gradient(x, y.long()))
+        if mask is not None:
+            grad = grad * (mask != 0)
+        return self._step_direction(grad)
+
+    def _step_direction(self, grad: torch.Tensor) -> torch.Tensor:
+        if self.linf:
+            return grad.sign()
+        flat = grad.flatten(1)
+        norms = flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return (flat / norms).view_as(grad)
+
+    def _project_delta(self, delta: torch.Tensor) -> torch.Tensor:
+        eps = float(self.eps)
+        if self.linf:
+            return delta.clamp(-eps, eps)
+        flat = delta.flatten(1)
+        factor = (eps / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+        return (flat * factor).view_as(delta)
+
+    def _random_delta(self, x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+        eps = float(self.eps)
+        if self.random_start == "none":
+            return torch.zeros_like(x)
+        if self.linf:
+            u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            return eps * u if self.random_start == "one-sided" else eps * (2 * u - 1)
+        # L2: a uniform point of the eps-ball (direction uniform on the sphere, radius eps * U^(1/d))
+        d = x[0].numel()
+        direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
+        radius = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype) ** (1.0 / d)
+        return direction * (eps * radius).view(-1, *[1] * (x.dim() - 1))
+
+    # --------------------------------------------------------------------------- tensor-native loop
+    def perturb(self, x: torch.Tensor, y: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Adversarial examples for a batch already on the device. Restores the model's mode."""
+        model = self.estimator.model
+        was_training = model.training
+        model.train(self.model_mode == "train")
+        try:
+            x = x.detach()
+            lo, hi = self._clip_bounds()
+            x_adv = x + self._random_delta(x, generator)
+            step = float(self.eps_step)
+            for _ in range(self.max_iter):
+                grad = self.input_gradient(x_adv, y)
+                x_adv = x_adv.detach() + step * self._step_direction(torch.nan_to_num(grad))
+                # for L-inf, clipping to the eps-box and to [lo, hi] commute: the order of the REAT code
+                x_adv = (x + self._project_delta(x_adv - x)).clamp(lo, hi)
+            return x_adv.detach()
+        finally:
+            model.train(was_training)
+
+    def _clip_bounds(self) -> tuple[float, float]:
+        clip = self.estimator.clip_values
+        if clip is None:
+            return -math.inf, math.inf
+        return float(np.min(clip[0])), float(np.max(clip[1]))
+
+    def generate(self, x: np.ndarray, y: Optional[np.ndarray] = None, **kwargs) -> np.ndarray:
+        """ART's numpy interface: batches of `batch_size` through `perturb` on the estimator's device."""
+        if kwargs.get("mask") is not None:
+            return super().generate(x, y, **kwargs)  # masks are rare: ART's own loop handles them
+        device = self.estimator.device
+        if y is None:
+            if self.targeted:
+                raise UsageError("a targeted attack needs target labels y")
+            labels = np.argmax(self.estimator.predict(x, batch_size=self.batch_size), axis=1)
+        else:
+            labels = np.argmax(y, axis=1) if np.ndim(y) == 2 else np.asarray(y)
+        out = np.empty_like(x, dtype=np.float32)
+        for start in range(0, len(x), self.batch_size):
+            xb = torch.as_tensor(x[start:start + self.batch_size], dtype=torch.float32, device=device)
+            yb = torch.as_tensor(labels[start:start + self.batch_size], dtype=torch.long, device=device)
+            out[start:start + self.batch_size] = self.perturb(xb, yb).cpu().numpy()
+        return out

@@ -1,0 +1,120 @@
+"""The typed run configuration: one dataclass, validated up front, saved with every run."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from art_reat.errors import UsageError
+
+
+@dataclass
+class TrainConfig:
+    # data
+    dataset: str = "cifar10lt"
+    ur: float = 100.0
+    data_dir: str = "./data"
+    download: bool = False
+    train_subset: Optional[int] = None  # stratified subset of the LT training set, for smoke runs
+    val_fraction: float = 0.05  # held out per class for checkpoint selection; 0 keeps the paper's protocol
+    eval_samples: Optional[int] = None  # stratified test subset for the final report (None: whole test set)
+    class_groups: str = "reference"  # head/body/tail rule: "reference" (released code) or "paper"
+    # model and method
+    model: str = "resnet18"
+    method: str = "pgd-at"
+    loss: str = "bsl"
+    # optimisation (SPEC section 6)
+    epochs: int = 80
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: List[int] = field(default_factory=lambda: [60, 75])
+    lr_gamma: float = 0.1
+    # threat model of the training attack; None means the dataset's default eps and eps / 4
+    eps: Optional[float] = None
+    step_size: Optional[float] = None
+    attack_steps: int = 10
+    eval_attack_steps: int = 20
+    # REAT (SPEC sections 4-5); ignored by other methods
+    rbl: str = "reference"
+    tail: str = "reference"
+    tail_weight: float = 1.0
+    # bookkeeping
+    seed: int = 0
+    device: str = "auto"
+    experiment: str = "art-reat"
+    run_name: Optional[str] = None
+    tracking_uri: Optional[str] = None
+    output_dir: str = "outputs"
+
+    def validate(self) -> "TrainConfig":
+        """Raise a one-line UsageError for the first bad value; return self."""
+        _check(self.ur >= 1 and math.isfinite(self.ur), "ur", self.ur, "a number >= 1")
+        for name in ("eps", "step_size"):
+            value = getattr(self, name)
+            _check(value is None or 0 < value <= 1, name, value, "a number in (0, 1] (inputs are in [0, 1])")
+        for name in ("epochs", "batch_size", "attack_steps", "eval_attack_steps"):
+            _check(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
+        _check(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "a fraction in [0, 1)")
+        for name in ("train_subset", "eval_samples"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, name, value, "a positive integer")
+        _check(self.lr > 0, "lr", self.lr, "a number > 0")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        _check(0 < self.lr_gamma <= 1, "lr_gamma", self.lr_gamma, "a number in (0, 1]")
+        _check(all(m >= 1 for m in self.milestones), "milestones", self.milestones, "positive epochs")
+        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+               "device", self.device, "auto, cpu or cuda[:N]")
+        _check(self.class_groups in ("reference", "paper"), "class_groups", self.class_groups,
+               "reference or paper")
+        from art_reat.attacks.rebalanced import REBALANCE_SCHEMES
+
+        _check(self.rbl in REBALANCE_SCHEMES, "rbl", self.rbl, "one of " + ", ".join(REBALANCE_SCHEMES))
+        _check(self.tail in ("reference", "paper", "none"), "tail", self.tail, "reference, paper or none")
+        _check(self.tail_weight >= 0, "tail_weight", self.tail_weight, "a number >= 0")
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UsageError(f"unknown config key(s) {', '.join(unknown)}: allowed keys are {', '.join(sorted(known))}")
+        return cls(**values)
+
+
+def read_config_file(path: str | Path) -> Dict[str, Any]:
+    """Read a YAML or JSON config file into a dict with dashes in keys turned into underscores."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        if path.suffix.lower() == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+    except Exception as exc:  # any parser error is the user's file, not our bug
+        raise UsageError(f"config file {path} is not valid {path.suffix.lstrip('.') or 'YAML'}: "
+                         f"{str(exc).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"config file {path} must hold a mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise UsageError(f"invalid {name.replace('_', '-')} {value!r}: must be {allowed}")

@@ -1,0 +1,64 @@
+"""Adversarial trainers and the registry of training methods.
+
+`METHODS` maps a method name to a builder `build(config, parts, **common) -> trainer`. `parts`
+(`MethodParts`) holds the model, long-tail loss, optimiser, class counts and device; the builder
+wraps them in the ART classifier its method needs. `common` holds what every trainer takes
+(scheduler, checkpoint_dir, callbacks, ...). A new method is one module plus one builder here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+import numpy as np
+import torch
+
+from art_reat.estimators import LongTailClassifier, TAILPyTorchClassifier
+from art_reat.registry import Registry
+from art_reat.trainers.pgd_at import PGDATTrainer, save_atomic
+from art_reat.trainers.reat import REATTrainer
+
+METHODS: Registry = Registry("method")
+
+
+@dataclass
+class MethodParts:
+    model: torch.nn.Module
+    loss: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    num_classes: int
+    train_counts: np.ndarray
+    input_shape: Tuple[int, ...]
+    device: torch.device
+
+    def classifier(self, cls=LongTailClassifier, **kwargs):
+        return cls(self.model, self.loss, self.num_classes, input_shape=self.input_shape,
+                   optimizer=self.optimizer, device=self.device, **kwargs)
+
+
+def _attack_settings(config) -> dict:
+    return dict(nb_epochs=config.epochs, batch_size=config.batch_size, eps=config.eps, eps_step=config.step_size,
+                max_iter=config.attack_steps, eval_attack_steps=config.eval_attack_steps)
+
+
+@METHODS.register("pgd-at")
+def build_pgd_at(config, parts: MethodParts, **common) -> PGDATTrainer:
+    return PGDATTrainer(parts.classifier(), **_attack_settings(config), **common)
+
+
+@METHODS.register("reat")
+def build_reat(config, parts: MethodParts, **common) -> REATTrainer:
+    if config.tail == "none":
+        classifier = parts.classifier()
+    else:
+        from art_reat.data import class_groups
+
+        classifier = parts.classifier(TAILPyTorchClassifier, train_counts=parts.train_counts,
+                                      tail_mode=config.tail, tail_weight=config.tail_weight,
+                                      tail_classes=class_groups(parts.num_classes, config.class_groups)["tail"])
+    return REATTrainer(classifier, train_counts=parts.train_counts, rebalance=config.rbl,
+                       **_attack_settings(config), **common)
+
+
+__all__ = ["METHODS", "MethodParts", "PGDATTrainer", "REATTrainer", "save_atomic"]

@@ -1,0 +1,183 @@
+"""`train(config)`: data -> model -> ART classifier -> method's trainer -> MLflow run.
+
+This is what `art-reat train` calls; everything it needs is in the `TrainConfig`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from art_reat.attacks import TensorPGD
+from art_reat.config import TrainConfig
+from art_reat.data import DATASETS, DeviceLoader, class_groups, load_dataset, stratified_split, stratified_subset
+from art_reat.errors import UsageError
+from art_reat.evaluation import accuracy_report, predict_loader
+from art_reat.losses import LOSSES, build_loss
+from art_reat.models import MODELS, build_model
+from art_reat.tracking import RunLogger, git_commit, tracked_run
+from art_reat.trainers import METHODS, MethodParts
+
+
+@dataclass
+class PreparedData:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    train_counts: np.ndarray
+    default_eps: float
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    config: TrainConfig
+    history: List[Dict[str, float]]
+    test: Dict[str, dict]  # {"clean": report, "pgd20": report}, reports from `accuracy_report`
+    checkpoint_dir: Path
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"invalid device {name!r}: CUDA is not available on this machine (use auto or cpu)")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_names(config: TrainConfig) -> None:
+    """Fail on unknown names before any data is read or any run is opened."""
+    DATASETS.get(config.dataset)
+    MODELS.get(config.model)
+    LOSSES.get(config.loss)
+    METHODS.get(config.method)
+
+
+def check_output_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise UsageError(f"output dir {str(path)!r} is not writable: {exc.strerror}") from None
+
+
+def prepare_data(config: TrainConfig) -> PreparedData:
+    splits = load_dataset(config.dataset, config.data_dir, ur=config.ur, seed=config.seed, download=config.download)
+    x, y = splits.x_train, splits.y_train
+    if config.train_subset is not None:
+        keep = stratified_subset(y, config.train_subset, seed=config.seed, num_classes=splits.num_classes)
+        x, y = x[keep], y[keep]
+    if config.val_fraction > 0:
+        keep, held = stratified_split(y, config.val_fraction, seed=config.seed)
+        x_val, y_val, x, y = x[held], y[held], x[keep], y[keep]
+    else:
+        x_val, y_val = x[:0], y[:0]
+    x_test, y_test = splits.x_test, splits.y_test
+    if config.eval_samples is not None:
+        pick = stratified_subset(y_test, config.eval_samples, seed=config.seed, num_classes=splits.num_classes)
+        x_test, y_test = x_test[pick], y_test[pick]
+    counts = np.bincount(y, minlength=splits.num_classes)
+    if (counts == 0).any():
+        raise UsageError(f"class(es) {np.flatnonzero(counts == 0).tolist()} have no training image left: "
+                         f"use a larger --train-subset or a smaller --val-fraction")
+    return PreparedData(x, y, x_val, y_val, x_test, y_test, splits.num_classes, counts, splits.default_eps)
+
+
+def build_parts(config: TrainConfig, data: PreparedData, device: torch.device) -> MethodParts:
+    model = build_model(config.model, num_classes=data.num_classes, in_channels=data.x_train.shape[-1]).to(device)
+    loss = build_loss(config.loss, data.train_counts)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    input_shape = (data.x_train.shape[-1],) + tuple(data.x_train.shape[1:3])
+    return MethodParts(model, loss, optimizer, data.num_classes, data.train_counts, input_shape, device)
+
+
+def evaluate_test(classifier, attack: TensorPGD, loader, num_classes: int, groups) -> Dict[str, dict]:
+    model = classifier.model
+    clean, labels = predict_loader(model, loader)
+    robust, _ = predict_loader(model, loader, attack=attack)
+    return {"clean": accuracy_report(clean, labels, num_classes, groups),
+            f"pgd{attack.max_iter}": accuracy_report(robust, labels, num_classes, groups)}
+
+
+def report_metrics(prefix: str, reports: Dict[str, dict]) -> Dict[str, float]:
+    """Flatten {"clean": report, ...} into MLflow metric names like `test/clean_acc/tail`."""
+    out: Dict[str, float] = {}
+    for name, report in reports.items():
+        out[f"{prefix}/{name}_acc"] = report["overall"]
+        for group, value in report.get("groups", {}).items():
+            out[f"{prefix}/{name}_acc/{group}"] = value
+        for c, value in enumerate(report["per_class"]):
+            out[f"{prefix}/{name}_acc/class_{c}"] = value
+    return out
+
+
+def _log_epoch(run: RunLogger, trainer, epoch: int, metrics: Dict[str, float]) -> None:
+    run.log_metrics(metrics, step=epoch)
+    for name, data in trainer.epoch_artifacts().items():
+        run.log_dict(data, name)
+
+
+def train(config: TrainConfig, progress: bool = False) -> TrainResult:
+    config.validate()
+    check_names(config)
+    device = resolve_device(config.device)
+    output_root = Path(config.output_dir)
+    check_output_dir(output_root)
+    data = prepare_data(config)
+    config = replace(config, eps=config.eps if config.eps is not None else data.default_eps)
+    config = replace(config, step_size=config.step_size if config.step_size is not None else config.eps / 4)
+    groups = class_groups(data.num_classes, config.class_groups)
+
+    seed_everything(config.seed)
+    parts = build_parts(config, data, device)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(parts.optimizer, milestones=config.milestones,
+                                                     gamma=config.lr_gamma)
+    tags = {"method": config.method, "dataset": config.dataset, "ur": config.ur, "model": config.model,
+            "loss": config.loss, "seed": config.seed, "git_commit": git_commit(), "device": device.type}
+    with tracked_run(config.tracking_uri, config.experiment, config.run_name, tags) as run:
+        checkpoint_dir = output_root / run.run_id
+        run.log_params(config.to_dict())
+        run.log_params({"n_train": len(data.y_train), "n_val": len(data.y_val), "n_test": len(data.y_test)})
+        run.log_dict(config.to_dict(), "config.json")
+        run.log_dict({"train_counts": data.train_counts.tolist(), "groups": groups}, "data.json")
+        trainer = METHODS.get(config.method)(
+            config, parts, scheduler=scheduler, checkpoint_dir=checkpoint_dir,
+            checkpoint_meta={"config": config.to_dict(), "num_classes": data.num_classes}, progress=progress)
+        trainer.callbacks.append(lambda epoch, metrics: _log_epoch(run, trainer, epoch, metrics))
+        classifier = trainer.get_classifier()
+        train_loader = DeviceLoader(data.x_train, data.y_train, config.batch_size, device, augment=True,
+                                    shuffle=True, seed=config.seed)
+        val_loader = (DeviceLoader(data.x_val, data.y_val, config.batch_size, device) if len(data.y_val) else None)
+        history = trainer.fit_loader(train_loader, val_loader, nb_epochs=config.epochs)
+
+        # final report on the test set, with the checkpoint selected on the validation split
+        best = checkpoint_dir / "best.pt"
+        if best.exists():
+            classifier.model.load_state_dict(torch.load(best, map_location=device, weights_only=True)["model"])
+        test_loader = DeviceLoader(data.x_test, data.y_test, config.batch_size, device)
+        test = evaluate_test(classifier, trainer.eval_attack, test_loader, data.num_classes, groups)
+        run.log_metrics(report_metrics("test", test), step=config.epochs)
+        run.log_dict(test, "test_report.json")
+        for name in ("best.pt", "last.pt"):
+            if (checkpoint_dir / name).exists():
+                run.log_artifact(checkpoint_dir / name, "checkpoints")
+        return TrainResult(run.run_id, config, history, test, checkpoint_dir)
