@@ -17,7 +17,8 @@ import torch
 
 from art_reat.attacks import TensorPGD
 from art_reat.config import TrainConfig
-from art_reat.data import DATASETS, DeviceLoader, class_groups, load_dataset, stratified_split, stratified_subset
+from art_reat.data import (DATASETS, DeviceLoader, class_groups, load_dataset, proportional_subset, stratified_split,
+                           stratified_subset)
 from art_reat.errors import UsageError
 from art_reat.evaluation import accuracy_report, predict_loader
 from art_reat.losses import LOSSES, build_loss
@@ -83,7 +84,8 @@ def prepare_data(config: TrainConfig) -> PreparedData:
     splits = load_dataset(config.dataset, config.data_dir, ur=config.ur, seed=config.seed, download=config.download)
     x, y = splits.x_train, splits.y_train
     if config.train_subset is not None:
-        keep = stratified_subset(y, config.train_subset, seed=config.seed, num_classes=splits.num_classes)
+        # proportional: a subset of a long-tailed set stays long-tailed
+        keep = proportional_subset(y, config.train_subset, seed=config.seed, num_classes=splits.num_classes)
         x, y = x[keep], y[keep]
     if config.val_fraction > 0:
         keep, held = stratified_split(y, config.val_fraction, seed=config.seed)

@@ -1,6 +1,7 @@
 """Tests for art_reat.data: long-tailed subsets, class groups, splits, datasets, loader."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +22,8 @@ from art_reat.data import (
 )
 from art_reat.errors import DataError, UsageError
 
-REAL = "/work/shared/data"
+# the shared data folder sits beside the repository (../shared/data), in CI as here
+REAL = os.environ.get("ART_REAT_SHARED_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
 REAL_TRAIN = os.path.join(REAL, "cifar10", "train.npz")
 needs_real = pytest.mark.skipif(
     not os.path.isfile(REAL_TRAIN), reason=f"real CIFAR-10 arrays not found at {REAL_TRAIN}"

@@ -3,7 +3,7 @@
 from art_reat.data.datasets import DATASETS, DatasetSplits, load_dataset, read_npz, validate_arrays, write_npz
 from art_reat.data.loader import DeviceLoader, random_crop_flip
 from art_reat.data.longtail import balanced_small_indices, class_groups, long_tailed_counts, long_tailed_indices
-from art_reat.data.splits import stratified_split, stratified_subset
+from art_reat.data.splits import proportional_subset, stratified_split, stratified_subset
 
 __all__ = [
     "DATASETS",
@@ -14,6 +14,7 @@ __all__ = [
     "load_dataset",
     "long_tailed_counts",
     "long_tailed_indices",
+    "proportional_subset",
     "random_crop_flip",
     "read_npz",
     "stratified_split",

@@ -34,8 +34,8 @@ def random_crop_flip(x: torch.Tensor, pad: int = 4, generator: Optional[torch.Ge
 class DeviceLoader:
     """Iterates over (x float32 [B, C, H, W] in [0, 1], y int64 [B]) on ``device``.
 
-    ``x`` is a uint8 numpy array in NHWC (the ``DatasetSplits`` layout) or a uint8 torch tensor
-    in NCHW. Shuffling and augmentation draw from a CPU ``torch.Generator`` seeded with
+    ``x`` is a uint8 numpy array in NHWC (the ``DatasetSplits`` layout), a uint8 torch tensor
+    in NCHW, or float NCHW in [0, 1] (numpy or torch, as ART's ``fit`` receives it). Shuffling and augmentation draw from a CPU ``torch.Generator`` seeded with
     ``seed + epoch``. Each full iteration uses the current epoch and then advances it by one;
     ``set_epoch(e)`` chooses the epoch of the next iteration (e.g. when resuming).
     """
@@ -57,16 +57,20 @@ class DeviceLoader:
         if pad < 0:
             raise UsageError(f"pad={pad} is not allowed: use pad >= 0")
         self.device = torch.device(device)
+        if isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.floating):
+            x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))  # ART's float NCHW in [0, 1]
         if isinstance(x, np.ndarray):
             if x.dtype != np.uint8 or x.ndim != 4:
                 raise UsageError(f"x must be a uint8 NHWC array, got {x.dtype} {x.shape}")
             xt = torch.from_numpy(np.ascontiguousarray(x)).to(self.device).permute(0, 3, 1, 2)
         elif isinstance(x, torch.Tensor):
-            if x.dtype != torch.uint8 or x.dim() != 4:
-                raise UsageError(f"x must be a uint8 NCHW tensor, got {x.dtype} {tuple(x.shape)}")
+            if x.dim() != 4 or not (x.dtype == torch.uint8 or x.is_floating_point()):
+                raise UsageError(f"x must be a uint8 or float NCHW tensor, got {x.dtype} {tuple(x.shape)}")
             xt = x.to(self.device)
         else:
             raise UsageError(f"x must be a numpy array or a torch tensor, got {type(x).__name__}")
+        # uint8 images are kept as bytes (4x less device memory) and scaled per batch
+        self.is_uint8 = xt.dtype == torch.uint8
         self.x = xt.contiguous()
         self.y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y).to(
             self.device, torch.int64
@@ -96,7 +100,7 @@ class DeviceLoader:
         order = order.to(self.device)
         for k in range(len(self)):
             idx = order[k * self.batch_size : (k + 1) * self.batch_size]
-            xb = self.x[idx].float().div_(255.0)
+            xb = self.x[idx].float().div_(255.0) if self.is_uint8 else self.x[idx].float()
             if self.augment:
                 xb = random_crop_flip(xb, self.pad, gen)
             yield xb, self.y[idx]

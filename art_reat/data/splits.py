@@ -59,3 +59,33 @@ def stratified_subset(targets, n: int, seed: int = 0, num_classes: Optional[int]
         rng.shuffle(idx)
         out.append(idx[:want])
     return np.sort(np.concatenate(out)).astype(np.int64)
+
+
+def proportional_subset(targets, n: int, seed: int = 0, num_classes: Optional[int] = None) -> np.ndarray:
+    """``n`` seeded random images keeping each class's share (at least one per class), so that a
+    subset of a long-tailed set is long-tailed too. Shares are rounded by largest remainder.
+    Sorted int64 indices."""
+    targets = np.asarray(targets)
+    if targets.ndim != 1 or targets.size == 0:
+        raise UsageError("targets must be a non-empty 1-D array of class ids")
+    C = int(targets.max()) + 1 if num_classes is None else int(num_classes)
+    counts = np.bincount(targets, minlength=C)[:C]
+    present = int((counts > 0).sum())
+    n = int(n)
+    if not present <= n <= len(targets):
+        raise UsageError(f"subset size n={n} is not allowed: use {present} <= n <= {len(targets)} "
+                         f"(at least one image per class)")
+    # one image per present class first, the rest shared in proportion to the remaining images
+    base = (counts > 0).astype(np.int64)
+    share = (n - present) * (counts - base) / max(int((counts - base).sum()), 1)
+    want = base + np.floor(share).astype(np.int64)
+    remainder = share - np.floor(share)
+    for c in np.argsort(-remainder, kind="stable")[: n - int(want.sum())]:
+        want[c] += 1
+    rng = np.random.RandomState(seed)
+    out = []
+    for c in range(C):
+        idx = np.where(targets == c)[0]
+        rng.shuffle(idx)
+        out.append(idx[: want[c]])
+    return np.sort(np.concatenate(out)).astype(np.int64)
