@@ -37,7 +37,7 @@ class TrainConfig:
     # threat model of the training attack; None means the dataset's default eps and eps / 4
     eps: Optional[float] = None
     step_size: Optional[float] = None
-    attack_steps: int = 10
+    attack_steps: Optional[int] = None  # None: the method's default (10; RoBal 5)
     eval_attack_steps: int = 20
     # REAT (SPEC sections 4-5); ignored by other methods
     rbl: str = "reference"
@@ -58,7 +58,8 @@ class TrainConfig:
             value = getattr(self, name)
             _check(value is None or 0 < value <= 1, name, value, "a number in (0, 1] (inputs are in [0, 1])")
         for name in ("epochs", "batch_size", "attack_steps", "eval_attack_steps"):
-            _check(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
+            value = getattr(self, name)
+            _check(value is None or value >= 1, name, value, "an integer >= 1")
         _check(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "a fraction in [0, 1)")
         for name in ("train_subset", "eval_samples"):
             value = getattr(self, name)

@@ -64,7 +64,7 @@ def main() -> None:
 @click.option("--weight-decay", type=float, help="SGD weight decay. [5e-4]")
 @click.option("--eps", type=float, help="L-inf radius of the training attack, in [0,1] units. [dataset default, 8/255]")
 @click.option("--step-size", type=float, help="Attack step size. [eps / 4]")
-@click.option("--attack-steps", type=int, help="PGD steps of the training attack. [10]")
+@click.option("--attack-steps", type=int, help="PGD steps of the training attack. [method default: 10, RoBal 5]")
 @click.option("--eval-attack-steps", type=int, help="PGD steps for validation and the final test. [20]")
 @click.option("--rbl", help="REAT attack re-balancing: reference (released code: true-label weighted CE; "
               "cannot move the adversarial examples), logit (CE(z + log w): pushes them to rarely "

@@ -37,9 +37,10 @@ class MethodParts:
                    optimizer=self.optimizer, device=self.device, **kwargs)
 
 
-def _attack_settings(config) -> dict:
+def _attack_settings(config, default_steps: int = 10) -> dict:
+    steps = config.attack_steps if config.attack_steps is not None else default_steps
     return dict(nb_epochs=config.epochs, batch_size=config.batch_size, eps=config.eps, eps_step=config.step_size,
-                max_iter=config.attack_steps, eval_attack_steps=config.eval_attack_steps)
+                max_iter=steps, eval_attack_steps=config.eval_attack_steps)
 
 
 @METHODS.register("pgd-at")
