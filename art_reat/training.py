@@ -24,7 +24,7 @@ from art_reat.evaluation import accuracy_report, predict_loader
 from art_reat.losses import LOSSES, build_loss
 from art_reat.models import MODELS, build_model
 from art_reat.tracking import RunLogger, git_commit, tracked_run
-from art_reat.trainers import METHODS, MethodParts
+from art_reat.trainers import METHODS, MethodParts, prepare_model
 
 
 @dataclass
@@ -104,7 +104,8 @@ def prepare_data(config: TrainConfig) -> PreparedData:
 
 
 def build_parts(config: TrainConfig, data: PreparedData, device: torch.device) -> MethodParts:
-    model = build_model(config.model, num_classes=data.num_classes, in_channels=data.x_train.shape[-1]).to(device)
+    model = build_model(config.model, num_classes=data.num_classes, in_channels=data.x_train.shape[-1])
+    model = prepare_model(config, model, data.num_classes).to(device)
     loss = build_loss(config.loss, data.train_counts)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
@@ -163,7 +164,9 @@ def train(config: TrainConfig, progress: bool = False) -> TrainResult:
         run.log_dict({"train_counts": data.train_counts.tolist(), "groups": groups}, "data.json")
         trainer = METHODS.get(config.method)(
             config, parts, scheduler=scheduler, checkpoint_dir=checkpoint_dir,
-            checkpoint_meta={"config": config.to_dict(), "num_classes": data.num_classes}, progress=progress)
+            checkpoint_meta={"config": config.to_dict(), "num_classes": data.num_classes, "run_id": run.run_id,
+                             "input_shape": list(parts.input_shape)},
+            progress=progress)
         trainer.callbacks.append(lambda epoch, metrics: _log_epoch(run, trainer, epoch, metrics))
         classifier = trainer.get_classifier()
         train_loader = DeviceLoader(data.x_train, data.y_train, config.batch_size, device, augment=True,

@@ -6,31 +6,11 @@ code 2 (bad usage or input) or 1 (runtime failure); no traceback.
 
 from __future__ import annotations
 
-import functools
-import sys
 from typing import Any, Callable, Dict, Optional
 
 import click
 
-from art_reat.errors import ArtReatError
-
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-
-def _reports_errors(func: Callable) -> Callable:
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except ArtReatError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("Interrupted: the MLflow run was marked KILLED.", err=True)
-            sys.exit(130)
-
-    return wrapper
-
+from cli.common import CONTEXT, reports_errors
 
 def _milestones(ctx, param, value: Optional[str]):
     if value is None:
@@ -82,7 +62,7 @@ def main() -> None:
 @click.option("--run-name", help="MLflow run name.")
 @click.option("--tracking-uri", help="MLflow tracking URI. [sqlite:///./mlruns/mlflow.db]")
 @click.option("--output-dir", help="Folder for checkpoints (one sub-folder per run). [outputs]")
-@_reports_errors
+@reports_errors
 def train(config_file: Optional[str], **options: Any) -> None:
     """Adversarially train a model on a long-tailed dataset and track it in MLflow."""
     from art_reat.config import TrainConfig, read_config_file
@@ -111,6 +91,10 @@ def _print_summary(result) -> None:
         click.echo(row)
     click.echo(f"checkpoints: {result.checkpoint_dir}")
 
+
+from cli.attack import attack  # noqa: E402  (each command in its own module)
+
+main.add_command(attack)
 
 if __name__ == "__main__":
     main()

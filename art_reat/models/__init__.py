@@ -35,3 +35,5 @@ def build_model(name: str, num_classes: int, **kwargs) -> FeatureModel:
 
 
 __all__ = ["MODELS", "FeatureModel", "build_model"]
+from art_reat.models.cosine import CosineClassifier, attach_cosine_head  # noqa: E402  (RoBal, SPEC section 7)
+__all__ += ["CosineClassifier", "attach_cosine_head"]

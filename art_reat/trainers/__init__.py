@@ -9,7 +9,7 @@ wraps them in the ART classifier its method needs. `common` holds what every tra
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Callable, Dict, Tuple
 
 import numpy as np
 import torch
@@ -20,6 +20,14 @@ from art_reat.trainers.pgd_at import PGDATTrainer, save_atomic
 from art_reat.trainers.reat import REATTrainer
 
 METHODS: Registry = Registry("method")
+# Methods that change the architecture (e.g. RoBal's cosine head) register a hook here; it runs
+# before the optimiser is built in training, and before the weights are loaded in evaluation.
+MODEL_PREPARERS: Dict[str, Callable] = {}
+
+
+def prepare_model(config, model: torch.nn.Module, num_classes: int) -> torch.nn.Module:
+    hook = MODEL_PREPARERS.get(config.method)
+    return model if hook is None else hook(config, model, num_classes)
 
 
 @dataclass
@@ -62,4 +70,4 @@ def build_reat(config, parts: MethodParts, **common) -> REATTrainer:
                        **_attack_settings(config), **common)
 
 
-__all__ = ["METHODS", "MethodParts", "PGDATTrainer", "REATTrainer", "save_atomic"]
+__all__ = ["METHODS", "MODEL_PREPARERS", "MethodParts", "prepare_model", "PGDATTrainer", "REATTrainer", "save_atomic"]

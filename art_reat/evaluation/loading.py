@@ -1,0 +1,81 @@
+"""Load a trained model and its training configuration from an MLflow run or a checkpoint file."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from art_reat.config import TrainConfig
+from art_reat.errors import ArtReatError, DataError, UsageError
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    config: TrainConfig
+    num_classes: int
+    input_shape: tuple
+    run_id: Optional[str]
+    checkpoint: Path
+
+
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    """`torch.load(weights_only=True)`: a checkpoint can hold tensors and plain data, never code."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # truncated, tampered or not a torch file
+        raise DataError(f"checkpoint {str(path)!r} cannot be read: {str(exc).splitlines()[0][:200]}") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state.get("meta", {}):
+        raise DataError(f"checkpoint {str(path)!r} is not an art-reat training checkpoint (no model/config inside)")
+    return state
+
+
+def download_run_checkpoint(run_id: str, tracking_uri: Optional[str], dst: Path) -> Path:
+    from mlflow.tracking import MlflowClient
+
+    from art_reat.tracking import resolve_tracking_uri
+
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    try:
+        client.get_run(run_id)
+    except Exception:
+        raise UsageError(f"unknown run id {run_id!r} in tracking store {resolve_tracking_uri(tracking_uri)!r}") from None
+    for name in ("best.pt", "last.pt"):
+        try:
+            return Path(client.download_artifacts(run_id, f"checkpoints/{name}", str(dst)))
+        except Exception:
+            continue
+    raise ArtReatError(f"run {run_id} has no checkpoints/best.pt or checkpoints/last.pt artifact")
+
+
+def load_model(run_id: Optional[str] = None, checkpoint: Optional[str | Path] = None,
+               tracking_uri: Optional[str] = None, device: torch.device | str = "cpu") -> LoadedModel:
+    """Rebuild the trained model (architecture and method-specific head) and load its weights."""
+    from art_reat.models import build_model
+    from art_reat.trainers import prepare_model
+
+    if (run_id is None) == (checkpoint is None):
+        raise UsageError("give exactly one of --run-id and --checkpoint")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(checkpoint) if checkpoint is not None else download_run_checkpoint(run_id, tracking_uri, Path(tmp))
+        state = read_checkpoint(path, device)
+    meta = state["meta"]
+    config = TrainConfig.from_dict(meta["config"])
+    num_classes = int(meta["num_classes"])
+    input_shape = tuple(meta.get("input_shape", (3, 32, 32)))
+    model = build_model(config.model, num_classes=num_classes, in_channels=input_shape[0])
+    model = prepare_model(config, model, num_classes)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise DataError(f"checkpoint {str(path)!r} does not fit model {config.model!r} with {num_classes} classes: "
+                        f"{str(exc).splitlines()[0][:200]}") from None
+    return LoadedModel(model.to(device).eval(), config, num_classes, input_shape, run_id or meta.get("run_id"),
+                       path if checkpoint is not None else Path(f"runs:/{run_id}/checkpoints/{path.name}"))
