@@ -6,7 +6,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union, get_args, get_origin, get_type_hints
 
 from art_reat.errors import UsageError
 
@@ -43,6 +43,17 @@ class TrainConfig:
     rbl: str = "reference"
     tail: str = "reference"
     tail_weight: float = 1.0
+    # RoBal (SPEC section 7); ignored by other methods. None: the dataset's value (chosen by the number
+    # of classes: 100 -> CIFAR-100-LT's, otherwise CIFAR-10-LT's)
+    robal_m: Optional[float] = None  # margin m (0.1; CIFAR-100: 0.2)
+    robal_s: Optional[float] = None  # logit scale s of the loss and of inference (10)
+    robal_tau_b: Optional[float] = None  # training prior shift tau_b (1.2; CIFAR-100: 0)
+    robal_tau_m: Optional[float] = None  # class-aware margin tau_m (0)
+    robal_beta: Optional[float] = None  # TRADES weight beta (6; CIFAR-100: 3)
+    robal_tau_p: Optional[float] = None  # inference prior shift tau_p (0.1; CIFAR-100: 1.5)
+    robal_gamma: Optional[float] = None  # cosine-classifier gamma (0.03125; CIFAR-100 "R" variant: 0.0625)
+    robal_margin_on: str = "natural"  # logits of the margin loss: natural (TRADES form) or adversarial
+    robal_lr_schedule: str = "intended"  # intended (milestones) or released (compounding decay after milestone 1)
     # bookkeeping
     seed: int = 0
     device: str = "auto"
@@ -77,6 +88,15 @@ class TrainConfig:
         _check(self.rbl in REBALANCE_SCHEMES, "rbl", self.rbl, "one of " + ", ".join(REBALANCE_SCHEMES))
         _check(self.tail in ("reference", "paper", "none"), "tail", self.tail, "reference, paper or none")
         _check(self.tail_weight >= 0, "tail_weight", self.tail_weight, "a number >= 0")
+        for name in ("robal_m", "robal_tau_b", "robal_tau_m", "robal_beta", "robal_tau_p", "robal_gamma"):
+            value = getattr(self, name)
+            _check(value is None or (math.isfinite(value) and value >= 0), name, value, "a number >= 0")
+        _check(self.robal_s is None or (math.isfinite(self.robal_s) and self.robal_s > 0), "robal_s", self.robal_s,
+               "a number > 0")
+        _check(self.robal_margin_on in ("natural", "adversarial"), "robal_margin_on", self.robal_margin_on,
+               "natural or adversarial")
+        _check(self.robal_lr_schedule in ("intended", "released"), "robal_lr_schedule", self.robal_lr_schedule,
+               "intended or released")
         return self
 
     def to_dict(self) -> Dict[str, Any]:
@@ -91,7 +111,8 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise UsageError(f"unknown config key(s) {', '.join(unknown)}: allowed keys are {', '.join(sorted(known))}")
-        return cls(**values)
+        hints = get_type_hints(cls)
+        return cls(**{name: _coerce(name, value, hints[name]) for name, value in values.items()})
 
 
 def read_config_file(path: str | Path) -> Dict[str, Any]:
@@ -114,6 +135,43 @@ def read_config_file(path: str | Path) -> Dict[str, Any]:
     if not isinstance(values, dict):
         raise UsageError(f"config file {path} must hold a mapping of option names to values")
     return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Convert a value from a config file (or a saved run) to the field's type, or a one-line error."""
+    args = [a for a in get_args(hint) if a is not type(None)]
+    if value is None:
+        if type(None) in get_args(hint):
+            return None
+        raise UsageError(f"invalid {name.replace('_', '-')} None: a value is required")
+    if get_origin(hint) is Union:  # Optional[X]
+        return _coerce(name, value, args[0])
+    if get_origin(hint) in (list, List):
+        items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+        return [_coerce(name, item, args[0]) for item in items]
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "yes", "1", "false", "no", "0"):
+                return str(value).lower() in ("true", "yes", "1")
+            raise ValueError
+        if hint is int:
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if hint is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+        raise UsageError(f"invalid {name.replace('_', '-')} {value!r}: must be {kind}") from None
+    return value
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:

@@ -24,7 +24,7 @@ from art_reat.evaluation import accuracy_report, predict_loader
 from art_reat.losses import LOSSES, build_loss
 from art_reat.models import MODELS, build_model
 from art_reat.tracking import RunLogger, git_commit, tracked_run
-from art_reat.trainers import METHODS, MethodParts, prepare_model
+from art_reat.trainers import METHODS, MethodParts, default_attack_steps, prepare_model
 
 
 @dataclass
@@ -148,6 +148,8 @@ def train(config: TrainConfig, progress: bool = False) -> TrainResult:
     data = prepare_data(config)
     config = replace(config, eps=config.eps if config.eps is not None else data.default_eps)
     config = replace(config, step_size=config.step_size if config.step_size is not None else config.eps / 4)
+    if config.attack_steps is None:
+        config = replace(config, attack_steps=default_attack_steps(config.method))
     groups = class_groups(data.num_classes, config.class_groups)
 
     seed_everything(config.seed)

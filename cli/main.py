@@ -53,6 +53,17 @@ def main() -> None:
               "paper (Eq. 3), none. [reference]")
 @click.option("--tail-weight", type=float, help="Weight lambda of the TAIL term. [1.0]")
 @click.option("--class-groups", help="Head/body/tail rule: reference (released code) or paper. [reference]")
+@click.option("--robal-m", type=float, help="RoBal margin m. [0.1; 0.2 for 100 classes]")
+@click.option("--robal-s", type=float, help="RoBal logit scale s of the loss and of inference. [10]")
+@click.option("--robal-tau-b", type=float, help="RoBal training prior shift tau_b. [1.2; 0 for 100 classes]")
+@click.option("--robal-tau-m", type=float, help="RoBal class-aware margin tau_m. [0]")
+@click.option("--robal-beta", type=float, help="RoBal TRADES weight beta. [6; 3 for 100 classes]")
+@click.option("--robal-tau-p", type=float, help="RoBal inference prior shift tau_p. [0.1; 1.5 for 100 classes]")
+@click.option("--robal-gamma", type=float, help="RoBal cosine-classifier gamma (0.0625: CIFAR-100 'R'). [0.03125]")
+@click.option("--robal-margin-on", help="Logits of RoBal's margin loss: natural (TRADES form) or adversarial. "
+              "[natural]")
+@click.option("--robal-lr-schedule", help="RoBal LR schedule: intended (--milestones) or released (the released "
+              "code: x lr-gamma every epoch from the first milestone on). [intended]")
 @click.option("--seed", type=int, help="Seed of the LT subset, splits, init and augmentation. [0]")
 @click.option("--device", help="auto, cpu or cuda[:N]. [auto]")
 @click.option("--train-subset", type=int, help="Stratified subset of the training set (smoke runs).")

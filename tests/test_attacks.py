@@ -201,7 +201,7 @@ def test_generate_with_mask_uses_input_gradient_hook():
 @pytest.mark.parametrize("eps", [2 / 255, 8 / 255, 0.3])
 def test_linf_ball_and_box(random_start, eps):
     clf = classifier(small_cnn())
-    x, y = data(n=16)
+    x, y = data(n=8)
     attack = TensorPGD(clf, eps=eps, eps_step=eps / 3, max_iter=4, random_start=random_start)
     adv = attack.perturb(torch.from_numpy(x), torch.from_numpy(y), generator=torch.Generator().manual_seed(1))
     delta = adv.numpy() - x
@@ -358,7 +358,7 @@ def test_targeted_pgd_decreases_loss_towards_target():
     clf = classifier(model)
     x, _ = (torch.from_numpy(a) for a in data(n=64))
     target = torch.full((64,), 2)
-    adv = TensorPGD(clf, eps=EPS, eps_step=STEP, max_iter=10, targeted=True).perturb(x, target)
+    adv = TensorPGD(clf, eps=EPS, eps_step=STEP, max_iter=10, targeted=True, random_start="none").perturb(x, target)
     with torch.no_grad():
         assert naive_ce(model(adv), target).mean() < naive_ce(model(x), target).mean()
     np.testing.assert_allclose(adv.numpy(), independent_pgd(model, x, target, EPS, STEP, 10, targeted=True).numpy(),
@@ -382,14 +382,33 @@ def test_generate_accepts_one_hot_labels():
     np.testing.assert_array_equal(attack.generate(x, np.eye(C, dtype=np.float32)[y]), attack.generate(x, y))
 
 
-@pytest.mark.parametrize("kwargs", [
+BAD_PGD_PARAMS = [
     dict(eps=0.0), dict(eps=2.0), dict(eps=-0.1), dict(eps_step=0.0), dict(max_iter=0), dict(max_iter=2.5),
     dict(norm=1), dict(norm="fro"), dict(random_start="gaussian"), dict(model_mode="test"),
-], ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+]
+PARAM_IDS = [",".join(f"{k}={v}" for k, v in kw.items()) for kw in BAD_PGD_PARAMS]
+# BUG (reported): ART's PGD constructors call `ProjectedGradientDescentCommon._check_params(self)`
+# explicitly (not `self._check_params()`), so TensorPGD's and RebalancedPGD's `_check_params` never
+# run at construction, only in `set_params()`. Bad values are accepted silently (norm=1 runs L2
+# steps, an unknown random_start runs "uniform", model_mode="test" runs in eval mode, eps=2 and
+# max_iter=0 are accepted) or raise ART's plain ValueError instead of a UsageError.
+NOT_VALIDATED = "TensorPGD/RebalancedPGD._check_params is never called by the constructor (ART calls its own)"
+
+
+@pytest.mark.xfail(strict=True, reason=NOT_VALIDATED)
+@pytest.mark.parametrize("kwargs", BAD_PGD_PARAMS, ids=PARAM_IDS)
 def test_bad_parameters_raise_usage_error(kwargs):
     clf = classifier(LinearNet())
     with pytest.raises(UsageError):
         TensorPGD(clf, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", BAD_PGD_PARAMS, ids=PARAM_IDS)
+def test_set_params_rejects_bad_parameters(kwargs):
+    """The validation itself is right: it runs when parameters are set after construction."""
+    attack = TensorPGD(classifier(LinearNet()))
+    with pytest.raises(UsageError):
+        attack.set_params(**kwargs)
 
 
 def test_targeted_generate_without_labels_is_a_usage_error():
@@ -403,23 +422,48 @@ def test_targeted_generate_without_labels_is_a_usage_error():
 TRUE_LABEL_SCHEMES = ("reference", "rw", "rws", "enr")
 
 
-@pytest.mark.parametrize("scheme", TRUE_LABEL_SCHEMES)
 @pytest.mark.parametrize("random_start", ["none", "uniform"])
-def test_true_label_weights_do_not_change_eval_mode_sign_pgd(scheme, random_start):
-    """SPEC section 4: per-sample positive weights cannot change the sign of the input gradient."""
+def test_true_label_weights_do_not_change_eval_mode_sign_pgd(random_start):
+    """SPEC section 4: with the model in eval mode, positive per-sample weights cannot change the
+    sign of any input gradient, so the examples are bitwise those of plain CE-PGD.
+
+    Run in float64: in float32 the rounding of `w_y / sum(w) * grad` flips the sign of an
+    occasional near-zero gradient component (one pixel in about 10^4 with weights
+    [0.2, 7, 0.03, 40], see test_true_label_weights_scale_input_gradients for the float32 check).
+    """
+    model = small_cnn().double()
+    clf = classifier(model)
+    x, y = data(n=16)
+    x, y = torch.from_numpy(x).double(), torch.from_numpy(y)
+    settings = dict(eps=EPS, eps_step=STEP, max_iter=5, random_start=random_start)
+    plain = TensorPGD(clf, **settings).perturb(x, y, generator=torch.Generator().manual_seed(7))
+    assert plain.dtype == torch.float64
+    for scheme in TRUE_LABEL_SCHEMES:
+        attack = RebalancedPGD(clf, train_counts=TRAIN_COUNTS, rebalance=scheme, **settings)
+        weights = [None, [100.0, 0.01, 3.0, 0.5], [0.2, 7.0, 0.03, 40.0]] if scheme == "reference" else [None]
+        for w in weights:
+            if w is not None:
+                attack.set_class_weights(w)
+            assert attack.class_weights.max() / attack.class_weights.min() > 1.5  # non-uniform
+            adv = attack.perturb(x, y, generator=torch.Generator().manual_seed(7))
+            assert torch.equal(adv, plain), (scheme, w)
+
+
+@pytest.mark.parametrize("scheme", TRUE_LABEL_SCHEMES)
+def test_true_label_weights_scale_input_gradients(scheme):
+    """float32: each sample's input gradient is its CE gradient times w_y / sum_i w_{y_i}."""
     model = small_cnn()
     clf = classifier(model)
     x, y = (torch.from_numpy(a) for a in data(n=16))
-    settings = dict(eps=EPS, eps_step=STEP, max_iter=5, random_start=random_start)
-    plain = TensorPGD(clf, **settings).perturb(x, y, generator=torch.Generator().manual_seed(7))
-    attack = RebalancedPGD(clf, train_counts=TRAIN_COUNTS, rebalance=scheme, **settings)
-    weights = [[1.0, 1.0, 1.0, 1.0], [100.0, 0.01, 3.0, 0.5], [0.2, 7.0, 0.03, 40.0]]
-    for w in (weights if scheme == "reference" else [None]):
-        if w is not None:
-            attack.set_class_weights(w)
-        assert attack.class_weights.max() / attack.class_weights.min() > 1.5 or w == [1.0] * 4
-        adv = attack.perturb(x, y, generator=torch.Generator().manual_seed(7))
-        assert torch.equal(adv, plain)
+    attack = RebalancedPGD(clf, train_counts=TRAIN_COUNTS, rebalance=scheme)
+    if scheme == "reference":
+        attack.set_class_weights([0.2, 7.0, 0.03, 40.0])
+    plain = TensorPGD(clf).input_gradient(x, y).double()
+    weighted = attack.input_gradient(x, y).double()
+    w = attack.class_weights.double()[y]
+    expected = plain * (w / w.sum()).view(-1, 1, 1, 1)
+    scale = expected.flatten(1).abs().max(dim=1).values.view(-1, 1, 1, 1)
+    assert torch.all((weighted - expected).abs() <= 1e-5 * scale)
 
 
 def test_logit_rbl_changes_the_examples():
@@ -453,8 +497,9 @@ def test_logit_rbl_moves_examples_towards_up_weighted_classes(seed):
         attack.update_counts(counts)
         up = attack.class_weights > 1.0  # weights sum to C: above-average weight
         assert up.any() and not up[0]
+        adv = attack.perturb(x, y)
         with torch.no_grad():
-            pred = model(attack.perturb(x, y)).argmax(dim=1)
+            pred = model(adv).argmax(dim=1)
         shares[scheme] = float(up[pred].double().mean())
     assert shares["logit"] > shares["reference"]
 
@@ -552,17 +597,25 @@ def test_attack_loss_equals_naive_formula(scheme):
     else:
         expected = naive_ce(z, y).sum()
     assert got.dim() == 0
-    # brw's shift is float32 log N_c; everything else is exact float64
-    assert float(got) == pytest.approx(float(expected), rel=1e-6 if scheme == "brw" else 1e-12)
+    # the logit shifts (log w, log N_c) are float32; everything else is exact float64
+    assert float(got) == pytest.approx(float(expected), rel=1e-6 if scheme in ("brw", "logit") else 1e-12)
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(rebalance="focal"), dict(train_counts=[10, 5, 1]), dict(train_counts=[[10, 5], [2, 1]]),
-], ids=["scheme", "length", "ndim"])
+@pytest.mark.xfail(strict=True, reason=NOT_VALIDATED)
+@pytest.mark.parametrize("kwargs", [dict(rebalance="focal"), dict(train_counts=[10, 5, 1])], ids=["scheme", "length"])
 def test_rebalanced_bad_parameters(kwargs):
     kwargs = {"train_counts": TRAIN_COUNTS, **kwargs}
     with pytest.raises(UsageError):
         RebalancedPGD(classifier(LinearNet()), **kwargs)
+
+
+def test_rebalanced_bad_parameters_via_set_params_and_counts():
+    with pytest.raises(UsageError):
+        RebalancedPGD(classifier(LinearNet()), train_counts=TRAIN_COUNTS).set_params(rebalance="focal")
+    with pytest.raises(UsageError):
+        RebalancedPGD(classifier(LinearNet()), train_counts=[[10, 5], [2, 1]])
+    with pytest.raises(UsageError):  # one count per class
+        RebalancedPGD(classifier(LinearNet()), train_counts=TRAIN_COUNTS).update_counts([1, 2, 3])
 
 
 @pytest.mark.parametrize("weights", [[1.0, 0.0, 1.0, 1.0], [1.0, -1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])

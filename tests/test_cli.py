@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -35,6 +35,7 @@ FAST = ["--model", "small-cnn", "--train-subset", "200", "--eval-samples", "50",
         "--eval-attack-steps", "2", "--batch-size", "64"]
 CIFAR10LT = ["--dataset", "cifar10lt", "--ur", "100", "--data-dir", str(DATA_DIR)]
 GROUPS = ("head", "body", "tail")
+DEFAULT_ATTACK_STEPS = 10  # PGD-10: the training attack of PGD-AT (and REAT) when --attack-steps is not given
 EPOCH_METRICS = ("train/loss", "train/adv_acc", "val/clean_acc", "val/pgd2_acc", "lr", "epoch_seconds")
 
 
@@ -322,6 +323,18 @@ def test_train_subset_keeps_the_long_tail(pgd_run):
     assert counts[0] >= 20 * counts[-1], f"imbalance of UR=100 lost by --train-subset: {counts}"
 
 
+@needs_data
+def test_defaulted_attack_steps_are_logged_resolved(tmp_path):
+    # a tiny run (20 images, one batch) without --attack-steps: the method default is used
+    args = [*CIFAR10LT, "--model", "small-cnn", "--method", "pgd-at", "--epochs", "1", "--train-subset", "20",
+            "--val-fraction", "0", "--eval-samples", "10", "--eval-attack-steps", "1", "--batch-size", "32"]
+    run = train_run(tmp_path, args, "art-reat", base_expected(
+        method="pgd-at", epochs=1, train_subset=20, val_fraction=0.0, eval_samples=10, eval_attack_steps=1,
+        batch_size=32, attack_steps=DEFAULT_ATTACK_STEPS))
+    assert run.run.data.params["attack_steps"] == str(DEFAULT_ATTACK_STEPS)
+    assert json.loads(run.artifact("config.json").read_text())["attack_steps"] == DEFAULT_ATTACK_STEPS
+
+
 # ----------------------------------------------------------------------------- 2. REAT
 
 
@@ -386,6 +399,14 @@ def _no_data(reason: str = ""):
 
 _cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here: --device cuda is valid")
 
+CONFIG_FILES = {
+    "unknown-key.yaml": "model: small-cnn\nmodle: resnet18\n",
+    "malformed.yaml": "model: [small-cnn, resnet18\nepochs: 1\n",
+    "epochs-abc.yaml": "epochs: abc\n",
+    "epochs-float.yaml": "epochs: 1.5\n",
+    "milestones-abc.yaml": "milestones: abc\n",
+}
+
 # (id, extra args with {tmp} for the test's temporary folder, regex the Error: line must match, marks)
 BAD_INPUTS = [
     ("unknown-dataset", ["--dataset", "cifar11lt"], r"cifar11lt", ()),
@@ -407,6 +428,11 @@ BAD_INPUTS = [
     ("config-malformed-yaml", ["--config", "{tmp}/malformed.yaml"], r"malformed\.yaml", ()),
     ("device-cuda-without-cuda", ["--device", "cuda"], r"\bcuda\b", (_cuda,)),
     ("milestones-not-numbers", ["--milestones", "abc"], r"\babc\b", ()),
+    # values of the wrong type in a config file (click converts the flags, nothing converts the file)
+    ("config-epochs-not-a-number", ["--config", "{tmp}/epochs-abc.yaml"], r"epochs\W+'?abc\b", ()),
+    ("config-epochs-not-an-integer", ["--config", "{tmp}/epochs-float.yaml"], r"epochs\W+1\.5\b", ()),
+    ("config-milestones-not-a-list", ["--config", "{tmp}/milestones-abc.yaml"], r"milestones\W+'?abc\b",
+     ()),
 ]
 
 
@@ -417,13 +443,15 @@ BAD_INPUTS = [
 def test_bad_input_is_one_error_line_exit_2_and_no_run(tmp_path, extra, pattern):
     (tmp_path / "empty").mkdir()
     (tmp_path / "a-file.txt").write_text("a regular file, not a folder\n")
-    (tmp_path / "unknown-key.yaml").write_text("model: small-cnn\nmodle: resnet18\n")
-    (tmp_path / "malformed.yaml").write_text("model: [small-cnn, resnet18\nepochs: 1\n")
+    for name, text in CONFIG_FILES.items():
+        (tmp_path / name).write_text(text)
     uri = store_uri(tmp_path)
-    output_dir = tmp_path / "out"
-    args = ["train", *CIFAR10LT, *FAST, "--epochs", "1", "--tracking-uri", uri, "--output-dir", str(output_dir)]
-    if "--output-dir" in extra:
-        args = args[:-2]
+    options = {"--epochs": "1", "--tracking-uri": uri, "--output-dir": str(tmp_path / "out")}
+    for key, value in zip(extra[::2], extra[1::2]):
+        options.pop(key, None)  # the row's own value of a base option
+        if key == "--config" and value.startswith("{tmp}/epochs-"):
+            options.pop("--epochs")  # a flag would override the file's bad value
+    args = ["train", *CIFAR10LT, *FAST, *[x for kv in options.items() for x in kv]]
     args += [a.replace("{tmp}", str(tmp_path)) for a in extra]
 
     result = invoke(args)

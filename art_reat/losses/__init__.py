@@ -51,4 +51,4 @@ from art_reat.losses.reat import (  # noqa: E402  (REAT building blocks, SPEC se
     rbl_class_weights,
     tail_regularizer,
 )
-from art_reat.losses.robal import RoBalMarginLoss, robal_class_margins, robal_margin_loss, trades_kl  # noqa: E402,F401  (RoBal, SPEC section 7)
+from art_reat.losses.robal import RoBalMarginLoss, robal_class_margins, robal_margin_loss, trades_kl  # noqa: E402,F401

@@ -32,7 +32,8 @@ def _check_hparams(m: float, s: float, tau_b: float, tau_m: float) -> None:
         raise UsageError(f"RoBal scale s must be > 0, got {s!r}")
 
 
-def robal_class_margins(train_counts: CountsLike, m: float = 0.1, s: float = 10.0, tau_m: float = 0.0) -> torch.Tensor:
+def robal_class_margins(train_counts: CountsLike, m: float = 0.1, s: float = 10.0,
+                        tau_m: float = 0.0) -> torch.Tensor:
     """Per-class margins ``m_c = tau_m * log(N_c / N_min) / s + m`` (float64, CPU)."""
     counts = validate_counts(train_counts)
     _check_hparams(m, s, 0.0, tau_m)
@@ -48,7 +49,8 @@ def _check_inputs(cos_logits: torch.Tensor, labels: torch.Tensor, num_classes: i
     if cos_logits.dim() != 2 or cos_logits.shape[1] != num_classes:
         raise UsageError(f"RoBal loss expects logits of shape (B, {num_classes}), got {tuple(cos_logits.shape)}")
     if labels.shape != cos_logits.shape[:1]:
-        raise UsageError(f"labels of shape {tuple(labels.shape)} do not match logits of shape {tuple(cos_logits.shape)}")
+        raise UsageError(f"labels of shape {tuple(labels.shape)} do not match logits of shape "
+                         f"{tuple(cos_logits.shape)}")
 
 
 def _margin_ce(cos_logits: torch.Tensor, labels: torch.Tensor, margins: torch.Tensor, log_prior: torch.Tensor,
@@ -94,7 +96,8 @@ class RoBalMarginLoss(nn.Module):
         return _margin_ce(cos_logits, labels, self.margins, self.log_prior, self.s, self.tau_b)
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, m={self.m:g}, s={self.s:g}, tau_b={self.tau_b:g}, tau_m={self.tau_m:g}"
+        return (f"num_classes={self.num_classes}, m={self.m:g}, s={self.s:g}, tau_b={self.tau_b:g}, "
+                f"tau_m={self.tau_m:g}")
 
 
 def trades_kl(z_nat: torch.Tensor, z_adv: torch.Tensor, beta: float = 1.0) -> torch.Tensor:

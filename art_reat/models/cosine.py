@@ -123,7 +123,8 @@ def attach_cosine_head(model: nn.Module, num_classes: int, gamma: float = 0.0312
     """Replace ``model.head`` (of a ``FeatureModel``) by a fresh :class:`CosineClassifier`, on the
     device and dtype of the old head; returns the model. The optimiser must be built afterwards."""
     if not hasattr(model, "head") or not hasattr(model, "feature_dim"):
-        raise UsageError(f"{type(model).__name__} has no replaceable head: the cosine classifier needs a FeatureModel")
+        raise UsageError(f"{type(model).__name__} has no replaceable head: "
+                         "the cosine classifier needs a FeatureModel")
     ref = next(iter(model.head.parameters()), None) if isinstance(model.head, nn.Module) else None
     head = CosineClassifier(model.feature_dim, num_classes, gamma)
     if ref is not None:

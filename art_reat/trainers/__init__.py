@@ -45,8 +45,16 @@ class MethodParts:
                    optimizer=self.optimizer, device=self.device, **kwargs)
 
 
-def _attack_settings(config, default_steps: int = 10) -> dict:
-    steps = config.attack_steps if config.attack_steps is not None else default_steps
+# Steps of the training attack when the config leaves them unset (None).
+DEFAULT_ATTACK_STEPS: Dict[str, int] = {"robal": 5}
+
+
+def default_attack_steps(method: str) -> int:
+    return DEFAULT_ATTACK_STEPS.get(method, 10)
+
+
+def _attack_settings(config) -> dict:
+    steps = config.attack_steps if config.attack_steps is not None else default_attack_steps(config.method)
     return dict(nb_epochs=config.epochs, batch_size=config.batch_size, eps=config.eps, eps_step=config.step_size,
                 max_iter=steps, eval_attack_steps=config.eval_attack_steps)
 
@@ -70,4 +78,21 @@ def build_reat(config, parts: MethodParts, **common) -> REATTrainer:
                        **_attack_settings(config), **common)
 
 
-__all__ = ["METHODS", "MODEL_PREPARERS", "MethodParts", "prepare_model", "PGDATTrainer", "REATTrainer", "save_atomic"]
+# RoBal (SPEC section 7): cosine head (prepared before the optimiser is built), TRADES-form loss.
+from art_reat.trainers.robal import RoBalTrainer, prepare_robal_model, robal_parts, robal_settings  # noqa: E402
+
+MODEL_PREPARERS["robal"] = prepare_robal_model
+
+
+@METHODS.register("robal")
+def build_robal(config, parts: MethodParts, **common) -> RoBalTrainer:
+    parts, common = robal_parts(config, parts, common)
+    settings = robal_settings(config, parts.num_classes)
+    settings.pop("gamma")  # a property of the head, set when the head is built
+    return RoBalTrainer(parts.classifier(), train_counts=parts.train_counts,
+                        margin_on=getattr(config, "robal_margin_on", "natural"), **settings,
+                        **_attack_settings(config), **common)
+
+
+__all__ = ["METHODS", "MODEL_PREPARERS", "MethodParts", "default_attack_steps", "prepare_model", "PGDATTrainer", "REATTrainer", "save_atomic",
+           "RoBalTrainer", "build_robal"]
