@@ -280,10 +280,12 @@ def bench_tail(args, counts: np.ndarray) -> List[Dict[str, object]]:
             v_loop.backward()
             assert torch.allclose(v_vec, v_loop, rtol=1e-9, atol=1e-12), (case, mode, v_vec.item(), v_loop.item())
             assert torch.allclose(f64a.grad, f64b.grad, rtol=1e-7, atol=1e-12), (case, mode, "gradient")
-            # float32 timing, interleaved vec / loop; the vectorised form runs `number` times per sample
+            # float32 timing, interleaved vec / loop. Samples are kept short (the vectorised form runs
+            # 10 times per sample, a few ms) so that some of them fall between other processes' slices
+            # on a shared machine: the minima then estimate the undisturbed cost.
             _time_fwd_bwd(vec, feats, 20)
             _time_fwd_bwd(loop, feats, 1)
-            number = max(10, int(0.1 / max(_time_fwd_bwd(vec, feats, 10), 1e-6)))
+            number = 10
             t_vec, t_loop, f_vec, f_loop = [], [], [], []
             for _ in range(args.tail_repeats):
                 t_vec.append(_time_fwd_bwd(vec, feats, number))
@@ -319,13 +321,19 @@ def main(argv=None) -> None:
     parser.add_argument("--data-dir", default="/work/shared/data",
                         help="holds cifar10/{train,test}.npz; random data when missing")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tail-repeats", type=int, default=7, help="timed samples of the TAIL micro-benchmark")
+    parser.add_argument("--tail-repeats", type=int, default=15, help="timed samples of the TAIL micro-benchmark")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch.set_num_threads(N) first; 0 (default) keeps torch's default")
     parser.add_argument("--skip-epochs", action="store_true", help="only the TAIL micro-benchmark")
     parser.add_argument("--skip-tail", action="store_true", help="only the epoch benchmark")
     args = parser.parse_args(argv)
     for name in ("batches", "batch_size", "repeats", "tail_repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.threads < 0:
+        parser.error("--threads must be >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = resolve_device(args.device)
     print("# REAT overhead benchmark")
@@ -334,7 +342,9 @@ def main(argv=None) -> None:
     print(f"load average at start (1/5/15 min): {', '.join(f'{v:.2f}' for v in os.getloadavg())} "
           "(other processes share these cores; compare ratios, not absolute seconds)")
     print(f"command: python benchmarks/reat_overhead.py --model {args.model} --batches {args.batches} "
-          f"--batch-size {args.batch_size} --repeats {args.repeats} --device {args.device} --seed {args.seed}")
+          f"--batch-size {args.batch_size} --repeats {args.repeats} --device {args.device} --seed {args.seed}"
+          + (f" --threads {args.threads}" if args.threads else "") + (" --skip-epochs" if args.skip_epochs else "")
+          + (" --skip-tail" if args.skip_tail else ""))
     print()
 
     counts = None

@@ -32,15 +32,17 @@ from cli.common import CONTEXT, comma_list, reports_errors
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--state-dir", default="outputs/attack_state", show_default=True,
               help="Where finished batches are kept so that an interrupted evaluation resumes.")
-@reports_errors
+@reports_errors("Interrupted: finished batches are kept in --state-dir; run the same command again to resume.")
 def attack(**options: Any) -> None:
     """Evaluate a trained model: clean, PGD, CW, AutoAttack and adaptive attacks, per class and group."""
     from art_reat.evaluation.evaluate import AttackConfig, evaluate
 
     config = AttackConfig(**options)
     progress = _Progress()
-    result = evaluate(config, on_chunk=progress)
-    progress.close()
+    try:
+        result = evaluate(config, on_chunk=progress)
+    finally:
+        progress.close()  # so that an error message starts on its own line
     _print_suite("Robust accuracy (%)", result.suite)
     if result.audit is not None:
         _print_suite("Gradient-masking audit (%)", result.audit, per_class=False)

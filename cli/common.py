@@ -13,21 +13,25 @@ from art_reat.errors import ArtReatError
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-def reports_errors(func: Callable) -> Callable:
-    """Errors the user can act on become `Error: ...` on stderr with exit 2 (usage) or 1 (runtime)."""
+def reports_errors(interrupted: str = "Interrupted.") -> Callable[[Callable], Callable]:
+    """Errors the user can act on become `Error: ...` on stderr with exit 2 (usage) or 1 (runtime);
+    Ctrl-C prints `interrupted` and exits 130."""
 
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except ArtReatError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("Interrupted: the MLflow run was marked KILLED.", err=True)
-            sys.exit(130)
+    def decorator(func: Callable) -> Callable:
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            try:
+                return func(*args, **kwargs)
+            except ArtReatError as exc:
+                click.echo(f"Error: {exc}", err=True)
+                sys.exit(exc.exit_code)
+            except KeyboardInterrupt:
+                click.echo(interrupted, err=True)
+                sys.exit(130)
 
-    return wrapper
+        return wrapper
+
+    return decorator
 
 
 def comma_list(ctx, param, value: Optional[str]):

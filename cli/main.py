@@ -73,7 +73,7 @@ def main() -> None:
 @click.option("--run-name", help="MLflow run name.")
 @click.option("--tracking-uri", help="MLflow tracking URI. [sqlite:///./mlruns/mlflow.db]")
 @click.option("--output-dir", help="Folder for checkpoints (one sub-folder per run). [outputs]")
-@reports_errors
+@reports_errors("Interrupted: the MLflow run was marked KILLED.")
 def train(config_file: Optional[str], **options: Any) -> None:
     """Adversarially train a model on a long-tailed dataset and track it in MLflow."""
     from art_reat.config import TrainConfig, read_config_file

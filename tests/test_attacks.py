@@ -387,15 +387,8 @@ BAD_PGD_PARAMS = [
     dict(norm=1), dict(norm="fro"), dict(random_start="gaussian"), dict(model_mode="test"),
 ]
 PARAM_IDS = [",".join(f"{k}={v}" for k, v in kw.items()) for kw in BAD_PGD_PARAMS]
-# BUG (reported): ART's PGD constructors call `ProjectedGradientDescentCommon._check_params(self)`
-# explicitly (not `self._check_params()`), so TensorPGD's and RebalancedPGD's `_check_params` never
-# run at construction, only in `set_params()`. Bad values are accepted silently (norm=1 runs L2
-# steps, an unknown random_start runs "uniform", model_mode="test" runs in eval mode, eps=2 and
-# max_iter=0 are accepted) or raise ART's plain ValueError instead of a UsageError.
-NOT_VALIDATED = "TensorPGD/RebalancedPGD._check_params is never called by the constructor (ART calls its own)"
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_VALIDATED)
 @pytest.mark.parametrize("kwargs", BAD_PGD_PARAMS, ids=PARAM_IDS)
 def test_bad_parameters_raise_usage_error(kwargs):
     clf = classifier(LinearNet())
@@ -601,7 +594,6 @@ def test_attack_loss_equals_naive_formula(scheme):
     assert float(got) == pytest.approx(float(expected), rel=1e-6 if scheme in ("brw", "logit") else 1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_VALIDATED)
 @pytest.mark.parametrize("kwargs", [dict(rebalance="focal"), dict(train_counts=[10, 5, 1])], ids=["scheme", "length"])
 def test_rebalanced_bad_parameters(kwargs):
     kwargs = {"train_counts": TRAIN_COUNTS, **kwargs}

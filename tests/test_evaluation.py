@@ -23,7 +23,6 @@ import time
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from art_reat.attacks import (CWMarginPGD, LogitScaledPGD, StandardAutoAttack, TensorPGD, ThreatModel, build_attack,
@@ -326,13 +325,6 @@ def test_cw_kappa_reaches_the_attack():
     np.testing.assert_allclose(busy.numpy().reshape(20, -1), want, atol=1e-6)
 
 
-_DEAD_CHECK = pytest.mark.xfail(strict=True, reason=(
-    "LogitScaledPGD/CWMarginPGD._check_params never run: ART's ProjectedGradientDescentCommon.__init__ calls "
-    "ProjectedGradientDescentCommon._check_params(self) non-virtually, so alpha <= 0 and kappa < 0 are accepted "
-    "(and `--attacks pgd20-x0` runs PGD on CE(0 * z), a zero gradient, and reports it as an attack)"))
-
-
-@_DEAD_CHECK
 def test_adaptive_attack_parameters_are_checked():
     with pytest.raises(UsageError, match="scale"):
         LogitScaledPGD(clf(linear_model()), alpha=0.0)
@@ -358,16 +350,10 @@ def test_parse_attack_valid_names(name, family, steps, scale):
     assert (spec.name, spec.family, spec.steps, spec.scale) == (name, family, steps, scale)
 
 
-_LATE = pytest.mark.xfail(strict=True, reason=(
-    "parse_attack accepts 'cw100-x10' and 'pgd20-x0' (scale 0), so AttackConfig.validate passes: `art-reat attack` "
-    "rejects cw100-x10 only in build_attack, after clean and the earlier attacks have run, and never rejects "
-    "pgd20-x0 (LogitScaledPGD's alpha check is dead code)"))
-
-
 @pytest.mark.parametrize("name", [
     "foo", "pgd", "aa5", "pgd0", "cw0", "", "pgd-20", "pgd20-x", "aa-x10", "pgd20x10",
-    pytest.param("cw100-x10", marks=_LATE),
-    pytest.param("pgd20-x0", marks=_LATE),
+    "cw100-x10",
+    "pgd20-x0",
 ])
 def test_parse_attack_rejects_bad_names_and_says_what_is_allowed(name):
     with pytest.raises(UsageError) as info:
@@ -378,13 +364,12 @@ def test_parse_attack_rejects_bad_names_and_says_what_is_allowed(name):
         assert allowed in message
 
 
-@pytest.mark.parametrize("name", ["cw100-x10", pytest.param("pgd20-x0", marks=_DEAD_CHECK)])
+@pytest.mark.parametrize("name", ["cw100-x10", "pgd20-x0"])
 def test_build_attack_rejects_what_parse_attack_lets_through(name):
     with pytest.raises(UsageError, match=re.escape(name) if name.startswith("cw") else "scale"):
         build_attack(name, clf(linear_model()), ThreatModel.for_norm())
 
 
-@_LATE
 @pytest.mark.parametrize("name", ["cw100-x10", "pgd20-x0"])
 def test_attack_config_validate_rejects_unbuildable_names_early(name):
     with pytest.raises(UsageError):
@@ -446,9 +431,7 @@ def test_threat_model_errors(norm, eps, step, pattern):
 
 
 def test_l2_radius_above_one_accepted_by_the_threat_model_builds_and_is_respected():
-    """ThreatModel allows any L2 eps > 0 (only L-inf is capped at 1). Note: TensorPGD._check_params
-    says eps must be in (0, 1]; it is dead code today (see _DEAD_CHECK), and this test guards against
-    reviving it without also fixing the L2 bound."""
+    """ThreatModel allows any L2 eps > 0 (only L-inf is capped at 1), and so must TensorPGD's own check."""
     threat = ThreatModel.for_norm("l2", 1.5)
     assert threat.step == pytest.approx(0.3)
     attack = build_attack("pgd20", clf(MLP().eval()), threat)
@@ -714,10 +697,6 @@ def test_run_suite_state_is_not_reused_for_a_different_evaluation(tmp_path, monk
     assert_same_reports(fresh.reports, unsaved.reports)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the resume key hashes the labels, n, seed, threat and the caller's identity but not the images: a run on "
-    "different images with the same labels (evaluate() passes only checkpoint/run_id, so e.g. another --data-dir) "
-    "silently reuses the stored robust predictions while 'clean' is recomputed"))
 def test_run_suite_state_is_not_reused_for_different_images_with_the_same_labels(tmp_path):
     model = linear_model(num_classes=2, seed=1, scale=2.0)
     W, b = wb(model)
@@ -817,10 +796,6 @@ def test_audit_flag_logic_drop_of_more_than_two_points(monkeypatch, key, value, 
     assert f"{scale}:" in result.flags[0] and "gradient masking" in result.flags[0]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "audit compares float accuracies with `base - scaled > max_drop`: a drop of exactly 2 points is flagged or "
-    "not depending on rounding (52/100 -> 50/100 gives 0.020000000000000018 > 0.02 and is flagged; 48/100 -> "
-    "46/100 is not)"))
 @pytest.mark.parametrize("base, scaled", [(52 / 100, 50 / 100), (17 / 100, 15 / 100), (7 / 50, 6 / 50)])
 def test_audit_flag_logic_exactly_two_points_is_not_more_than_two(monkeypatch, base, scaled):
     result, _ = run_fake_audit(monkeypatch, **{"pgd10": 0.6, "pgd20": base, "pgd50": base - 0.1, "pgd100": base - 0.1,

@@ -23,10 +23,10 @@ class LogitScaledPGD(TensorPGD):
         self.alpha = alpha
         super().__init__(estimator, **kwargs)
 
-    def _check_params(self) -> None:
+    def _check_own_params(self) -> None:
         if not float(self.alpha) > 0:
             raise UsageError(f"invalid logit scale {self.alpha!r}: must be a number > 0")
-        super()._check_params()
+        super()._check_own_params()
 
     def attack_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(float(self.alpha) * logits, y, reduction="sum")
@@ -48,10 +48,10 @@ class CWMarginPGD(TensorPGD):
         self.kappa = kappa
         super().__init__(estimator, **kwargs)
 
-    def _check_params(self) -> None:
+    def _check_own_params(self) -> None:
         if not float(self.kappa) >= 0:
             raise UsageError(f"invalid CW confidence kappa {self.kappa!r}: must be a number >= 0")
-        super()._check_params()
+        super()._check_own_params()
 
     def attack_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return cw_margin_loss(logits, y, float(self.kappa)).sum()

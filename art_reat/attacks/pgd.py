@@ -49,6 +49,9 @@ class TensorPGD(ProjectedGradientDescentPyTorch):
     ) -> None:
         self.random_start = random_start
         self.model_mode = model_mode
+        self.norm, self.eps, self.eps_step, self.max_iter = norm, eps, eps_step, max_iter
+        # one-line UsageErrors before ART's own checks (which raise bare ValueErrors)
+        self._check_own_params()
         super().__init__(
             estimator,
             norm=norm,
@@ -63,11 +66,18 @@ class TensorPGD(ProjectedGradientDescentPyTorch):
 
     # ----------------------------------------------------------------------------- ART conventions
     def _check_params(self) -> None:
+        """ART's hook (run by `set_params`): ours, then ART's."""
+        self._check_own_params()
+        super()._check_params()
+
+    def _check_own_params(self) -> None:
+        """Checks of this class's parameters; subclasses extend it (ART's constructor calls
+        its own `_check_params` non-virtually, so `__init__` calls this one first)."""
         norm = self.norm
         if norm not in (np.inf, "inf", 2, 2.0, "2"):
             raise UsageError(f"invalid norm {norm!r}: must be inf or 2")
-        if not np.isscalar(self.eps) or not 0 < float(self.eps) <= 1:
-            raise UsageError(f"invalid eps {self.eps!r}: must be a number in (0, 1]")
+        if not np.isscalar(self.eps) or not float(self.eps) > 0 or (self.linf and float(self.eps) > 1):
+            raise UsageError(f"invalid eps {self.eps!r}: must be a number in (0, 1] for linf, > 0 for l2")
         if not np.isscalar(self.eps_step) or not float(self.eps_step) > 0:
             raise UsageError(f"invalid step size {self.eps_step!r}: must be a number > 0")
         if not isinstance(self.max_iter, int) or self.max_iter < 1:
@@ -76,7 +86,6 @@ class TensorPGD(ProjectedGradientDescentPyTorch):
             raise UsageError(f"invalid random start {self.random_start!r}: must be one of {', '.join(RANDOM_STARTS)}")
         if self.model_mode not in ("eval", "train"):
             raise UsageError(f"invalid model mode {self.model_mode!r}: must be eval or train")
-        super()._check_params()
 
     @property
     def linf(self) -> bool:
@@ -93,9 +102,10 @@ class TensorPGD(ProjectedGradientDescentPyTorch):
 
     def input_gradient(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Gradient of the attack loss with respect to the input only (no parameter gradients)."""
-        x = x.detach().requires_grad_(True)
-        loss = self.attack_loss(self.logits(x), y)
-        (grad,) = torch.autograd.grad(loss, x)
+        with torch.enable_grad():  # callers may evaluate under torch.no_grad()
+            x = x.detach().requires_grad_(True)
+            loss = self.attack_loss(self.logits(x), y)
+            (grad,) = torch.autograd.grad(loss, x)
         return -grad if self.targeted else grad
 
     # ART hook, so that ART's own `_generate_batch` machinery also uses the input-only gradient.

@@ -5,8 +5,9 @@
 - "reference": the released REAT code, `CE(z, y, weight=w)` with w the RBL weights indexed by the
   TRUE label. With the model in eval mode every sample's loss is independent of the others and a
   positive weight does not change the sign of its input gradient, so sign-gradient PGD produces
-  exactly the adversarial examples of plain CE-PGD. It is offered to reproduce the paper, not
-  because it moves anything.
+  the adversarial examples of plain CE-PGD (exactly in exact arithmetic; in float32, rounding can
+  flip the sign of a near-zero gradient entry now and then). It is offered to reproduce the paper,
+  not because it moves anything.
 - "logit": maximise `CE(z + log w, y)`: classes rarely predicted last epoch (large w) get a
   larger logit in the attack, so the adversarial examples are pushed towards them, which is what
   the paper intends.
@@ -39,18 +40,18 @@ class RebalancedPGD(TensorPGD):
     def __init__(self, estimator, train_counts: Sequence[int], rebalance: str = "reference", **kwargs) -> None:
         self.rebalance = rebalance
         self.train_counts = np.asarray(train_counts, dtype=np.int64)
+        if self.train_counts.ndim != 1 or len(self.train_counts) != estimator.nb_classes:
+            raise UsageError(f"train_counts has shape {self.train_counts.shape}: expected one count for each of the "
+                             f"{estimator.nb_classes} classes")
         super().__init__(estimator, **kwargs)
         self.class_weights = torch.ones(len(self.train_counts))
         # before the first epoch the prior of predicted counts is the training counts
         self.update_counts(self.train_counts)
 
-    def _check_params(self) -> None:
+    def _check_own_params(self) -> None:
         if self.rebalance not in REBALANCE_SCHEMES:
             raise UsageError(f"invalid rebalance scheme {self.rebalance!r}: choose one of {', '.join(REBALANCE_SCHEMES)}")
-        if self.train_counts.ndim != 1 or len(self.train_counts) != self.estimator.nb_classes:
-            raise UsageError(f"train_counts has shape {self.train_counts.shape}: expected one count for each of the "
-                             f"{self.estimator.nb_classes} classes")
-        super()._check_params()
+        super()._check_own_params()
 
     def update_counts(self, adv_pred_counts) -> torch.Tensor:
         """Recompute the weights of the chosen scheme from last epoch's predicted-label counts."""

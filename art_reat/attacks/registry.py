@@ -70,6 +70,10 @@ def parse_attack(name: str) -> AttackSpec:
         return AttackSpec(name, family, None, None)
     if not steps or int(steps) < 1:
         raise UsageError(f"invalid attack {name!r}: give the number of steps, {usage}")
+    if scale is not None and family != "pgd":
+        raise UsageError(f"invalid attack {name!r}: logit scaling applies to pgdN only; {usage}")
+    if scale is not None and not float(scale) > 0:
+        raise UsageError(f"invalid attack {name!r}: the logit scale must be > 0; {usage}")
     return AttackSpec(name, family, int(steps), float(scale) if scale else None)
 
 
@@ -89,9 +93,6 @@ def _pgd(classifier, threat: ThreatModel, spec: AttackSpec, batch_size: int, see
 
 @ATTACKS.register("cw")
 def _cw(classifier, threat: ThreatModel, spec: AttackSpec, batch_size: int, seed: int) -> CWMarginPGD:
-    if spec.scale is not None:
-        raise UsageError(f"invalid attack {spec.name!r}: the CW margin loss is already scale-free in the margin; "
-                         f"logit scaling applies to pgdN only")
     return CWMarginPGD(classifier, norm=threat.art_norm, eps=threat.eps, eps_step=threat.step,
                        max_iter=spec.steps, batch_size=batch_size)
 

@@ -124,8 +124,8 @@ class PGDATTrainer(AdversarialTrainerMadryPGD):
                 metrics.update(self.validate(val_loader))
             metrics.update(self.on_epoch_end(epoch))
             self.start_epoch = epoch + 1
-            self._save_checkpoints(metrics)
             self.history.append(metrics)
+            self._save_checkpoints(metrics)
             for callback in self.callbacks:
                 callback(epoch, metrics)
         return self.history
