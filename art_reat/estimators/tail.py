@@ -9,7 +9,7 @@ import torch
 
 from art_reat.errors import UsageError
 from art_reat.estimators.classifier import LongTailClassifier
-from art_reat.losses import TAIL_MODES, tail_regularizer
+from art_reat.losses import TAIL_MODES, tail_class_weights, tail_regularizer_core
 
 
 class TAILPyTorchClassifier(LongTailClassifier):
@@ -31,13 +31,20 @@ class TAILPyTorchClassifier(LongTailClassifier):
         self.train_counts = np.asarray(train_counts)
         self.tail_mode = tail_mode
         self.tail_weight = float(tail_weight)
-        self.tail_classes = None if tail_classes is None else list(tail_classes)
+        if tail_classes is None:
+            from art_reat.data import class_groups
+
+            tail_classes = class_groups(nb_classes, "reference")["tail"]
+        self.tail_classes = list(tail_classes)
+        # constants of the regulariser, on the device once: the per-batch call reads nothing back
+        self._omega_c = tail_class_weights(self.train_counts).to(self.device)  # float64: cast per use
+        self._tail_mask = torch.zeros(nb_classes, dtype=torch.bool, device=self.device)
+        self._tail_mask[self.tail_classes] = True
 
     def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
         features, logits = self.model.forward_features(x)
         lt = self._loss(logits, y)
-        tail = tail_regularizer(features, y, self.train_counts, mode=self.tail_mode,
-                                tail_classes=self.tail_classes, weight=self.tail_weight)
+        tail = tail_regularizer_core(features, y, self._omega_c, self._tail_mask, self.tail_mode, self.tail_weight)
         return lt + tail, logits, {"lt": lt.detach(), "tail": tail.detach()}
 
     def fit(self, x: np.ndarray, y: np.ndarray, batch_size: int = 128, nb_epochs: int = 10,

@@ -49,6 +49,9 @@ from art_reat.losses.reat import (  # noqa: E402  (REAT building blocks, SPEC se
     attack_class_weights,
     brw_logit_shift,
     rbl_class_weights,
+    tail_class_weights,
     tail_regularizer,
+    tail_regularizer_core,
 )
 from art_reat.losses.robal import RoBalMarginLoss, robal_class_margins, robal_margin_loss, trades_kl  # noqa: E402,F401
+from art_reat.losses.baselines import DRW_REDUCTIONS, drw_reduce, mart_terms, supcon_separation_loss  # noqa: E402,F401

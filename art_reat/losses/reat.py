@@ -28,7 +28,9 @@ __all__ = [
     "attack_class_weights",
     "brw_logit_shift",
     "rbl_class_weights",
+    "tail_class_weights",
     "tail_regularizer",
+    "tail_regularizer_core",
 ]
 
 #: Names accepted by :func:`attack_class_weights` ("reference" is an alias of "rbl").
@@ -327,27 +329,39 @@ def tail_regularizer(
             )
 
     device = features.device
-    labels = labels.to(device=device, dtype=torch.long)
-    is_tail = _tail_mask(tail_classes, num_classes, device)[labels]  # (B,)
-    num_tail = int(is_tail.sum())
-    out_dtype = features.dtype
-    if num_tail == 0:
-        # Exactly zero, on the right device/dtype, and connected to the graph.
-        return (features * 0.0).sum() * weight
+    omega_c = torch.sqrt(counts.sum() / counts).to(device)  # (C,)
+    tail_mask = _tail_mask(tail_classes, num_classes, device)  # (C,) bool
+    return tail_regularizer_core(features, labels.to(device=device, dtype=torch.long), omega_c, tail_mask,
+                                 mode, weight)
 
+
+def tail_class_weights(train_counts: Counts) -> torch.Tensor:
+    """omega_c = sqrt(sum_j N_j / N_c) (float64), TAIL's per-class weight."""
+    counts = _as_counts(train_counts, "train_counts", min_value=0, integer=False)
+    return torch.sqrt(counts.sum() / counts)
+
+
+def tail_regularizer_core(features: torch.Tensor, labels: torch.Tensor, omega_c: torch.Tensor,
+                          tail_mask: torch.Tensor, mode: str = "reference", weight: float = 1.0) -> torch.Tensor:
+    """`tail_regularizer` without input checks, for the training hot path.
+
+    `omega_c` (C,) and `tail_mask` (C,) bool are precomputed on the device of `features`. The
+    tail samples are selected by a mask, not by indexing, so no value is read back to the host
+    (no device synchronisation per batch). Every row is computed and the non-tail rows are masked
+    out: O(B^2 K) flops, trivial next to the network.
+    """
+    out_dtype = features.dtype
     # Half precision: compute in float32 for stable log-softmax / products.
     work_dtype = torch.float32 if features.dtype in (torch.float16, torch.bfloat16) else features.dtype
     f = features.to(work_dtype)
     batch, k_dim = f.shape
+    is_tail = tail_mask[labels].to(work_dtype)  # (B,)
+    num_tail = is_tail.sum().clamp_min(1.0)  # S (a tensor; the result is exactly 0 when S = 0)
 
-    omega_c = torch.sqrt(counts.sum() / counts).to(device=device, dtype=work_dtype)  # (C,)
-    omega = omega_c[labels]  # (B,)
-    tail_idx = torch.nonzero(is_tail, as_tuple=True)[0]  # (S,)
-    y_t = labels[tail_idx]
-    # a_ij = s_ij * W_ij for i in tail, all j: label-only constants, (S, B).
-    same = y_t[:, None] == labels[None, :]
-    sign = torch.where(same, -1.0, 1.0).to(work_dtype)
-    coef = sign * (omega[tail_idx][:, None] + omega[None, :])
+    omega = omega_c.to(work_dtype)[labels]  # (B,)
+    # a_ij = s_ij * W_ij for all i, j: label-only constants, (B, B).
+    sign = 1.0 - 2.0 * (labels[:, None] == labels[None, :]).to(work_dtype)
+    coef = sign * (omega[:, None] + omega[None, :])
 
     log_p = F.log_softmax(f, dim=1)  # (B, K)
     p = log_p.exp()
@@ -355,18 +369,17 @@ def tail_regularizer(
     if mode == "paper":
         # KL(p_j || p_i) = sum_k p_jk log p_jk - sum_k p_jk log p_ik
         neg_entropy = (p * log_p).sum(dim=1)  # (B,)
-        log_p_t = log_p[tail_idx]  # (S, K)
         # sum_j a_ij KL_ji = sum_j a_ij negH_j - sum_k (sum_j a_ij p_jk) log p_ik
-        weighted = coef @ neg_entropy - ((coef @ p) * log_p_t).sum(dim=1)  # (S,)
-        tail_value = -weighted.sum() / (batch * num_tail)
+        weighted = coef @ neg_entropy - ((coef @ p) * log_p).sum(dim=1)  # (B,)
+        tail_value = -(is_tail * weighted).sum() / (batch * num_tail)
     else:
         # KLbar_i = (1/(B K)) sum_j sum_k p_ik (log p_ik - log q_jk), p_i detached
         #         = (1/K) [sum_k p_ik log p_ik - sum_k p_ik * mean_j log q_jk]
-        log_anchor = log_p[tail_idx].detach()  # (S, K)
-        anchor = log_anchor.exp()
+        log_anchor = log_p.detach()
+        anchor = p.detach()
         mean_log_q = log_p.mean(dim=0)  # (K,), carries the gradient
-        kl_bar = ((anchor * log_anchor).sum(dim=1) - anchor @ mean_log_q) / k_dim  # (S,)
-        c = coef.sum(dim=1) / batch  # (S,)
-        tail_value = (kl_bar * c).sum() / num_tail
+        kl_bar = ((anchor * log_anchor).sum(dim=1) - anchor @ mean_log_q) / k_dim  # (B,)
+        c = coef.sum(dim=1) / batch  # (B,)
+        tail_value = (is_tail * kl_bar * c).sum() / num_tail
 
     return (tail_value * weight).to(out_dtype)

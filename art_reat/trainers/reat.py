@@ -34,7 +34,9 @@ class REATTrainer(PGDATTrainer):
         self.adv_pred_counts.zero_()
 
     def on_batch_end(self, x_adv: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> None:
-        self.adv_pred_counts += torch.bincount(logits.argmax(dim=1), minlength=self.adv_pred_counts.numel())
+        pred = logits.argmax(dim=1)
+        # scatter_add, not bincount: bincount reads min/max back to the host (a sync per batch on CUDA)
+        self.adv_pred_counts.scatter_add_(0, pred, torch.ones_like(pred))
 
     def on_epoch_end(self, epoch: int) -> Dict[str, float]:
         counts = self.adv_pred_counts.cpu()
