@@ -187,7 +187,8 @@ def bench_epochs(args, device: torch.device) -> Dict[str, object]:
     paired = [tb / ta for ta, tb in zip(a, b)]
     return {"times": times, "cpu_times": cpu_times, "ratio": ratio_of_medians,
             "ratio_min": min(b) / min(a),
-            "cpu_ratio": statistics.median(cpu_times["reat"]) / statistics.median(cpu_times["pgd-at"]), "paired_ratio": statistics.median(paired),
+            "cpu_ratio": statistics.median(cpu_times["reat"]) / statistics.median(cpu_times["pgd-at"]),
+            "paired_ratio": statistics.median(paired),
             "paired": paired, "tail_term": last_metrics["reat"].get("train/loss_tail"),
             "adv_pred": [last_metrics["reat"].get(f"adv_pred/class_{c}") for c in range(NUM_CLASSES)]}
 
