@@ -61,13 +61,15 @@ class StandardAutoAttack(EvasionAttack):
         model = self.estimator.model
         was_training = model.training
         model.eval()
+        # pyautoattack `view`s input gradients: a permuted (channels-last) batch from uint8 NHWC data breaks it
+        x = x.contiguous()
         try:
             adversary = AutoAttack(model, norm=_NORMS[self.norm], eps=float(self.eps), version="standard",
                                    device=x.device, seed=self.seed)
             adversary.verbose = self.verbose
             if not self.verbose:
                 adversary.logger.setLevel(logging.WARNING)
-            x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=int(self.batch_size),
+            x_adv, _ = adversary.run_standard_evaluation(x.contiguous(), y, batch_size=int(self.batch_size),
                                                          state_path=state_path)
             return x_adv.detach()
         finally:

@@ -59,7 +59,8 @@ class ChunkState:
 
 def _to_batch(x: np.ndarray, device: torch.device) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(x)).to(device)
-    return t.permute(0, 3, 1, 2).float().div_(255.0) if t.dtype == torch.uint8 else t.float()
+    # contiguous NCHW: pyautoattack `.view`s input gradients, which fails on permuted strides
+    return (t.permute(0, 3, 1, 2).float().div_(255.0) if t.dtype == torch.uint8 else t.float()).contiguous()
 
 
 def state_key(identity: Mapping[str, object], attack: str) -> str:
