@@ -966,3 +966,16 @@ def test_suite_metrics_l2_names_carry_the_norm():
     assert metrics["robust_acc_drop/pgd20-x10-l2"] == pytest.approx(
         np.mean(preds["pgd20"] == y) - np.mean(preds["pgd20-x10"] == y), abs=1e-12)
     assert not any(k.startswith("robust_acc/pgd20/") or k == "robust_acc/pgd20" for k in metrics)
+
+
+def test_standard_autoattack_through_run_suite_on_uint8_images(aa_setup):
+    """The suite feeds NHWC uint8 images permuted to NCHW; pyautoattack `.view`s input gradients,
+    so a non-contiguous batch used to crash inside APGD-T. Robust points must survive here."""
+    model, x, y, m = aa_setup
+    # the same points as uint8 NHWC (rounding moves them by < 1/255, far less than their margin gap)
+    x_uint8 = np.clip(np.rint(x.transpose(0, 2, 3, 1) * 255), 0, 255).astype(np.uint8)
+    with torch.no_grad():
+        clean = model(torch.from_numpy(x_uint8.transpose(0, 3, 1, 2).astype(np.float32) / 255)).argmax(1).numpy()
+    assert np.array_equal(clean, y)
+    result = run_suite(clf(model), x_uint8, y, ["aa"], ThreatModel.for_norm("linf"), C, batch_size=4, aa_batch_size=4)
+    assert result.reports["aa"]["overall"] == pytest.approx((m > 0).mean())
