@@ -69,7 +69,7 @@ class StandardAutoAttack(EvasionAttack):
             adversary.verbose = self.verbose
             if not self.verbose:
                 adversary.logger.setLevel(logging.WARNING)
-            x_adv, _ = adversary.run_standard_evaluation(x.contiguous(), y, batch_size=int(self.batch_size),
+            x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=int(self.batch_size),
                                                          state_path=state_path)
             return x_adv.detach()
         finally:
