@@ -54,6 +54,19 @@ class TrainConfig:
     robal_gamma: Optional[float] = None  # cosine-classifier gamma (0.03125; CIFAR-100 "R" variant: 0.0625)
     robal_margin_on: str = "natural"  # logits of the margin loss: natural (TRADES form) or adversarial
     robal_lr_schedule: str = "intended"  # intended (milestones) or released (compounding decay after milestone 1)
+    # baselines (issue 8); the method options are ignored by other methods
+    augment: str = "none"  # per-sample policy before crop/flip, every method: none, autoaugment, randaugment
+    sep_weight: float = 1.0  # SRAT: weight of the supervised-contrastive feature-separation loss
+    sep_temperature: float = 0.1  # SRAT: temperature of the separation loss
+    drw_epoch: Optional[int] = None  # SRAT: first (0-based) epoch of deferred re-weighting; None: first milestone
+    drw_lr_factor: Optional[float] = None  # SRAT: LR factor at drw_epoch; None: 1 if it is a milestone, else 0.1
+    drw_reduction: str = "weighted-mean"  # SRAT: weighted-mean (F.cross_entropy(weight=)) or mean (sum w l / B)
+    trades_beta: float = 6.0  # TRADES: weight of KL(nat || adv)
+    mart_beta: float = 6.0  # MART: weight of the (1 - p_y)-weighted KL term
+    awp_gamma: float = 5e-3  # AWP: per-layer weight perturbation, relative to the weights' norm
+    awp_warmup: int = 0  # AWP: epochs without weight perturbation at the start
+    # reporting (issue 5)
+    record_ae_distance: int = 0  # probe images whose training AEs are compared across epochs (Fig. 3); 0: off
     # bookkeeping
     seed: int = 0
     device: str = "auto"
@@ -61,10 +74,14 @@ class TrainConfig:
     run_name: Optional[str] = None
     tracking_uri: Optional[str] = None
     output_dir: str = "outputs"
+    # reliability (checkpoints; `art-reat train --resume` may change it)
+    keep_last: int = 0  # also keep the N most recent per-epoch checkpoints epoch_XXX.pt (last/best always)
 
     def validate(self) -> "TrainConfig":
         """Raise a one-line UsageError for the first bad value; return self."""
         _check(self.ur >= 1 and math.isfinite(self.ur), "ur", self.ur, "a number >= 1")
+        _check(self.keep_last >= 0, "keep_last", self.keep_last, "an integer >= 0")
+        _check(self.record_ae_distance >= 0, "record_ae_distance", self.record_ae_distance, "an integer >= 0")
         for name in ("eps", "step_size"):
             value = getattr(self, name)
             _check(value is None or 0 < value <= 1, name, value, "a number in (0, 1] (inputs are in [0, 1])")
@@ -97,6 +114,7 @@ class TrainConfig:
                "natural or adversarial")
         _check(self.robal_lr_schedule in ("intended", "released"), "robal_lr_schedule", self.robal_lr_schedule,
                "intended or released")
+        _validate_baselines(self)
         return self
 
     def to_dict(self) -> Dict[str, Any]:
@@ -177,3 +195,23 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
     if not ok:
         raise UsageError(f"invalid {name.replace('_', '-')} {value!r}: must be {allowed}")
+
+
+def _validate_baselines(config: TrainConfig) -> None:
+    """The options of the baselines of issue 8 (augmentation, SRAT, TRADES, MART, AWP)."""
+    from art_reat.data.augment import AUGMENT_POLICIES
+    from art_reat.losses.baselines import DRW_REDUCTIONS
+
+    _check(config.augment in AUGMENT_POLICIES, "augment", config.augment, ", ".join(AUGMENT_POLICIES))
+    _check(math.isfinite(config.sep_weight) and config.sep_weight >= 0, "sep_weight", config.sep_weight,
+           "a number >= 0")
+    _check(math.isfinite(config.sep_temperature) and config.sep_temperature > 0, "sep_temperature",
+           config.sep_temperature, "a number > 0")
+    _check(config.drw_epoch is None or config.drw_epoch >= 0, "drw_epoch", config.drw_epoch, "an integer >= 0")
+    _check(config.drw_lr_factor is None or (math.isfinite(config.drw_lr_factor) and 0 < config.drw_lr_factor <= 1),
+           "drw_lr_factor", config.drw_lr_factor, "a number in (0, 1]")
+    _check(config.drw_reduction in DRW_REDUCTIONS, "drw_reduction", config.drw_reduction, " or ".join(DRW_REDUCTIONS))
+    for name in ("trades_beta", "mart_beta", "awp_gamma"):
+        value = getattr(config, name)
+        _check(math.isfinite(value) and value >= 0, name, value, "a number >= 0")
+    _check(config.awp_warmup >= 0, "awp_warmup", config.awp_warmup, "an integer >= 0")

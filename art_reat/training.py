@@ -19,7 +19,9 @@ from art_reat.attacks import TensorPGD
 from art_reat.config import TrainConfig
 from art_reat.data import (DATASETS, DeviceLoader, class_groups, load_dataset, proportional_subset, stratified_split,
                            stratified_subset)
-from art_reat.errors import UsageError
+from art_reat.checkpoints import load_checkpoint, manifest_path
+from art_reat.errors import ArtReatError, TrainingInterrupted, UsageError
+from art_reat.faults import RunLock, StopOnSignals, check_free_space
 from art_reat.evaluation import accuracy_report, predict_loader
 from art_reat.losses import LOSSES, build_loss
 from art_reat.models import MODELS, build_model
@@ -139,13 +141,40 @@ def _log_epoch(run: RunLogger, trainer, epoch: int, metrics: Dict[str, float]) -
         run.log_dict(data, name)
 
 
-def train(config: TrainConfig, progress: bool = False) -> TrainResult:
+def resume_command(run_id: str, config: TrainConfig) -> str:
+    import shlex
+
+    extra = f" --tracking-uri {shlex.quote(config.tracking_uri)}" if config.tracking_uri else ""
+    return f"art-reat train --resume {run_id}{extra}"
+
+
+def _interrupted(exc: TrainingInterrupted, run_id: str, config: TrainConfig, checkpoint_dir: Path) -> TrainingInterrupted:
+    """The interrupt's message with the run's fate and how to resume it."""
+    if (checkpoint_dir / "last.pt").exists():
+        hint = f"resume with: {resume_command(run_id, config)}"
+    else:
+        hint = "no checkpoint was written yet: start the run again"
+    return TrainingInterrupted(f"{exc}; MLflow run {run_id} marked KILLED; {hint}", exc.signum)
+
+
+def train(config: TrainConfig, progress: bool = False, parent_run_id: Optional[str] = None,
+          extra_tags: Optional[Dict[str, object]] = None, resume=None) -> TrainResult:
+    """Train as `config` says, in a new MLflow run (a child of `parent_run_id` when given, e.g. by a
+    sweep), tagged with `extra_tags` on top of the standard tags.
+
+    ``resume`` (a `art_reat.resume.ResumePoint`, see `art_reat.resume.resume_training`) continues a
+    checkpoint instead: its run is reopened and training goes on where the checkpoint stopped.
+    SIGINT / SIGTERM stop training at the end of the current batch with a resumable checkpoint
+    (`TrainingInterrupted`, run KILLED); a NaN / inf loss stops it with `NonFiniteLoss` (run FAILED).
+    """
     config.validate()
     check_names(config)
     device = resolve_device(config.device)
     output_root = Path(config.output_dir)
     check_output_dir(output_root)
     data = prepare_data(config)
+    if resume is not None:
+        resume.check_data(config, data)
     config = replace(config, eps=config.eps if config.eps is not None else data.default_eps)
     config = replace(config, step_size=config.step_size if config.step_size is not None else config.eps / 4)
     if config.attack_steps is None:
@@ -154,37 +183,100 @@ def train(config: TrainConfig, progress: bool = False) -> TrainResult:
 
     seed_everything(config.seed)
     parts = build_parts(config, data, device)
+    if resume is not None:
+        resume.check_parts(config, parts)  # another model / class count: one line, before the run is touched
     scheduler = torch.optim.lr_scheduler.MultiStepLR(parts.optimizer, milestones=config.milestones,
                                                      gamma=config.lr_gamma)
+    check_free_space(output_root, parts.model, parts.optimizer, config.keep_last)
     tags = {"method": config.method, "dataset": config.dataset, "ur": config.ur, "model": config.model,
             "loss": config.loss, "seed": config.seed, "git_commit": git_commit(), "device": device.type}
-    with tracked_run(config.tracking_uri, config.experiment, config.run_name, tags) as run:
-        checkpoint_dir = output_root / run.run_id
+    tags.update(extra_tags or {})
+    reopen = resume.run_id if resume is not None else None
+    if reopen is not None:
+        tags = {"resumes": resume.resumes, "resumed_at_epoch": resume.epoch, "git_commit": tags["git_commit"],
+                "device": device.type, **(extra_tags or {})}
+    # a run is trained by one process at a time: a resume of a run whose process still lives is refused
+    lock = RunLock(output_root / reopen, reopen).acquire() if reopen is not None else None
+    try:
+        with tracked_run(config.tracking_uri, config.experiment, config.run_name, tags, parent_run_id=parent_run_id,
+                         run_id=reopen) as run, StopOnSignals() as guard:
+            checkpoint_dir = output_root / run.run_id
+            try:
+                if lock is None:
+                    lock = RunLock(checkpoint_dir, run.run_id).acquire()
+                return _train_in_run(config, data, parts, scheduler, groups, device, run, guard, checkpoint_dir,
+                                     progress, resume)
+            except TrainingInterrupted as exc:
+                raise _interrupted(exc, run.run_id, config, checkpoint_dir) from None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_in_run(config: TrainConfig, data: PreparedData, parts: MethodParts, scheduler, groups, device, run,
+                  guard: StopOnSignals, checkpoint_dir: Path, progress: bool, resume) -> TrainResult:
+    continuing = resume is not None and resume.run_id is not None
+    if continuing:
+        run.log_dict(config.to_dict(), "config.json")  # --epochs / --keep-last may have changed
+    else:
         run.log_params(config.to_dict())
         run.log_params({"n_train": len(data.y_train), "n_val": len(data.y_val), "n_test": len(data.y_test)})
         run.log_dict(config.to_dict(), "config.json")
         run.log_dict({"train_counts": data.train_counts.tolist(), "groups": groups}, "data.json")
-        trainer = METHODS.get(config.method)(
-            config, parts, scheduler=scheduler, checkpoint_dir=checkpoint_dir,
-            checkpoint_meta={"config": config.to_dict(), "num_classes": data.num_classes, "run_id": run.run_id,
-                             "input_shape": list(parts.input_shape)},
-            progress=progress)
-        trainer.callbacks.append(lambda epoch, metrics: _log_epoch(run, trainer, epoch, metrics))
-        classifier = trainer.get_classifier()
-        train_loader = DeviceLoader(data.x_train, data.y_train, config.batch_size, device, augment=True,
-                                    shuffle=True, seed=config.seed)
-        val_loader = (DeviceLoader(data.x_val, data.y_val, config.batch_size, device) if len(data.y_val) else None)
-        history = trainer.fit_loader(train_loader, val_loader, nb_epochs=config.epochs)
+        if resume is not None:  # the checkpoint's run is not in this store: a new run continues it
+            run.set_tags({"resumed_from_run": resume.source_run_id or "", "resumed_at_epoch": resume.epoch})
+    trainer = METHODS.get(config.method)(
+        config, parts, scheduler=scheduler, checkpoint_dir=checkpoint_dir,
+        checkpoint_meta={"config": config.to_dict(), "num_classes": data.num_classes, "run_id": run.run_id,
+                         "input_shape": list(parts.input_shape), "train_counts": data.train_counts.tolist()},
+        progress=progress)
+    trainer.seed = config.seed  # per-epoch / per-batch seeding: an exact resume
+    trainer.keep_last = config.keep_last
+    if resume is not None:
+        trainer.load_state_dict(resume.state)
+        _log_missing_epochs(run, trainer)
+    if config.record_ae_distance:  # before the logging callback, which then logs `ae_distance`
+        from art_reat.trainers.ae_distance import AEDistanceRecorder
 
-        # final report on the test set, with the checkpoint selected on the validation split
-        best = checkpoint_dir / "best.pt"
-        if best.exists():
-            classifier.model.load_state_dict(torch.load(best, map_location=device, weights_only=True)["model"])
-        test_loader = DeviceLoader(data.x_test, data.y_test, config.batch_size, device)
-        test = evaluate_test(classifier, trainer.eval_attack, test_loader, data.num_classes, groups)
-        run.log_metrics(report_metrics("test", test), step=config.epochs)
-        run.log_dict(test, "test_report.json")
-        for name in ("best.pt", "last.pt"):
-            if (checkpoint_dir / name).exists():
-                run.log_artifact(checkpoint_dir / name, "checkpoints")
-        return TrainResult(run.run_id, config, history, test, checkpoint_dir)
+        trainer.callbacks.append(AEDistanceRecorder.for_training(
+            trainer, data.x_train, data.y_train, config.record_ae_distance, seed=config.seed))
+    trainer.callbacks.append(lambda epoch, metrics: _log_epoch_or_fail(run, trainer, epoch, metrics, checkpoint_dir))
+    classifier = trainer.get_classifier()
+    train_loader = DeviceLoader(data.x_train, data.y_train, config.batch_size, device, augment=True,
+                                shuffle=True, seed=config.seed, augment_policy=config.augment)
+    val_loader = (DeviceLoader(data.x_val, data.y_val, config.batch_size, device) if len(data.y_val) else None)
+    guard.trainer = trainer  # from here on SIGINT / SIGTERM stop at the end of a batch, with a checkpoint
+    history = trainer.fit_loader(train_loader, val_loader, nb_epochs=config.epochs)
+
+    # final report on the test set, with the checkpoint selected on the validation split
+    best = checkpoint_dir / "best.pt"
+    if best.exists():
+        classifier.model.load_state_dict(load_checkpoint(best, device)["model"])
+    test_loader = DeviceLoader(data.x_test, data.y_test, config.batch_size, device)
+    test = evaluate_test(classifier, trainer.eval_attack, test_loader, data.num_classes, groups)
+    run.log_metrics(report_metrics("test", test), step=config.epochs)
+    run.log_dict(test, "test_report.json")
+    for name in ("best.pt", "last.pt"):
+        if (checkpoint_dir / name).exists():
+            run.log_artifact(checkpoint_dir / name, "checkpoints")
+            if manifest_path(checkpoint_dir / name).exists():
+                run.log_artifact(manifest_path(checkpoint_dir / name), "checkpoints")
+    return TrainResult(run.run_id, config, history, test, checkpoint_dir)
+
+
+def _log_epoch_or_fail(run: RunLogger, trainer, epoch: int, metrics: Dict[str, float], checkpoint_dir: Path) -> None:
+    try:
+        _log_epoch(run, trainer, epoch, metrics)
+    except Exception as exc:  # a store gone or locked mid-run: the checkpoints are safe, say so in one line
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ArtReatError(f"MLflow logging failed after epoch {epoch + 1} ({first}); the checkpoint of that epoch "
+                           f"is kept in {str(checkpoint_dir)!r}") from None
+
+
+def _log_missing_epochs(run: RunLogger, trainer) -> None:
+    """Log the restored history's epochs that the run does not have yet (a new run continuing a
+    copied checkpoint, or an epoch whose logging an interrupt cut off)."""
+    logged = {m.step for m in run.client.get_metric_history(run.run_id, "train/loss")}
+    for epoch, metrics in enumerate(trainer.history):
+        if epoch not in logged:
+            run.log_metrics(metrics, step=epoch)

@@ -11,14 +11,7 @@ from typing import Any, Callable, Dict, Optional
 import click
 
 from cli.common import CONTEXT, reports_errors
-
-def _milestones(ctx, param, value: Optional[str]):
-    if value is None:
-        return None
-    try:
-        return [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of epochs, e.g. 60,75") from None
+from cli.options import train_options
 
 
 @click.group(context_settings=CONTEXT)
@@ -28,61 +21,31 @@ def main() -> None:
 
 
 @main.command(context_settings=CONTEXT)
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML/JSON file of options; flags override it.")
-@click.option("--dataset", help="cifar10lt, cifar100lt, cifar10, cifar100, cifar10-bs, cifar100-bs, tinyimagenetlt or npz.")
-@click.option("--ur", type=float, help="Imbalance ratio N_max / N_min of the long-tailed training set (>= 1). [100]")
-@click.option("--data-dir", help="Folder holding {cifar10,cifar100}/{train,test}.npz or torchvision files. [./data]")
-@click.option("--download/--no-download", default=None, help="Let torchvision download missing CIFAR files.")
-@click.option("--method", help="Training method: pgd-at, reat, ... [pgd-at]")
-@click.option("--loss", help="Long-tail loss of the outer minimisation: ce, focal, cb, ldam, bsl. [bsl]")
-@click.option("--model", help="resnet18, preact-resnet18, wrn-28-10, wrn-34-10, small-cnn. [resnet18]")
-@click.option("--epochs", type=int, help="Training epochs. [80]")
-@click.option("--batch-size", type=int, help="Batch size. [128]")
-@click.option("--lr", type=float, help="SGD learning rate. [0.1]")
-@click.option("--milestones", callback=_milestones, help="Epochs where the LR is multiplied by --lr-gamma. [60,75]")
-@click.option("--lr-gamma", type=float, help="LR decay factor at each milestone. [0.1]")
-@click.option("--weight-decay", type=float, help="SGD weight decay. [5e-4]")
-@click.option("--eps", type=float, help="L-inf radius of the training attack, in [0,1] units. [dataset default, 8/255]")
-@click.option("--step-size", type=float, help="Attack step size. [eps / 4]")
-@click.option("--attack-steps", type=int, help="PGD steps of the training attack. [method default: 10, RoBal 5]")
-@click.option("--eval-attack-steps", type=int, help="PGD steps for validation and the final test. [20]")
-@click.option("--rbl", help="REAT attack re-balancing: reference (released code: true-label weighted CE; "
-              "cannot move the adversarial examples), logit (CE(z + log w): pushes them to rarely "
-              "predicted classes), rw, rws, enr, brw, none. [reference]")
-@click.option("--tail", help="REAT feature regulariser: reference (released code's value and gradient), "
-              "paper (Eq. 3), none. [reference]")
-@click.option("--tail-weight", type=float, help="Weight lambda of the TAIL term. [1.0]")
-@click.option("--class-groups", help="Head/body/tail rule: reference (released code) or paper. [reference]")
-@click.option("--robal-m", type=float, help="RoBal margin m. [0.1; 0.2 for 100 classes]")
-@click.option("--robal-s", type=float, help="RoBal logit scale s of the loss and of inference. [10]")
-@click.option("--robal-tau-b", type=float, help="RoBal training prior shift tau_b. [1.2; 0 for 100 classes]")
-@click.option("--robal-tau-m", type=float, help="RoBal class-aware margin tau_m. [0]")
-@click.option("--robal-beta", type=float, help="RoBal TRADES weight beta. [6; 3 for 100 classes]")
-@click.option("--robal-tau-p", type=float, help="RoBal inference prior shift tau_p. [0.1; 1.5 for 100 classes]")
-@click.option("--robal-gamma", type=float, help="RoBal cosine-classifier gamma (0.0625: CIFAR-100 'R'). [0.03125]")
-@click.option("--robal-margin-on", help="Logits of RoBal's margin loss: natural (TRADES form) or adversarial. "
-              "[natural]")
-@click.option("--robal-lr-schedule", help="RoBal LR schedule: intended (--milestones) or released (the released "
-              "code: x lr-gamma every epoch from the first milestone on). [intended]")
-@click.option("--seed", type=int, help="Seed of the LT subset, splits, init and augmentation. [0]")
-@click.option("--device", help="auto, cpu or cuda[:N]. [auto]")
-@click.option("--train-subset", type=int, help="Stratified subset of the training set (smoke runs).")
-@click.option("--eval-samples", type=int, help="Stratified test subset for the final report. [all]")
-@click.option("--val-fraction", type=float, help="Per-class held-out fraction for checkpoint selection. [0.05]")
-@click.option("--experiment", help="MLflow experiment name. [art-reat]")
-@click.option("--run-name", help="MLflow run name.")
-@click.option("--tracking-uri", help="MLflow tracking URI. [sqlite:///./mlruns/mlflow.db]")
-@click.option("--output-dir", help="Folder for checkpoints (one sub-folder per run). [outputs]")
+@train_options()
+@click.option("--resume", metavar="RUN_ID|CHECKPOINT",
+              help="Continue an interrupted run (or train a finished one longer with a larger --epochs): its "
+                   "MLflow run id, a checkpoint file (last.pt) or a run's checkpoint folder. The run's saved "
+                   "configuration is used; only --epochs, --tracking-uri, --output-dir, --data-dir, --download, "
+                   "--device and --keep-last may be given besides (other options must equal the saved values).")
 @reports_errors("Interrupted: the MLflow run was marked KILLED.")
-def train(config_file: Optional[str], **options: Any) -> None:
-    """Adversarially train a model on a long-tailed dataset and track it in MLflow."""
+def train(config_file: Optional[str], resume: Optional[str], **options: Any) -> None:
+    """Adversarially train a model on a long-tailed dataset and track it in MLflow.
+
+    SIGINT (Ctrl-C) or SIGTERM stops at the end of the current batch with a resumable checkpoint
+    (exit 130 / 143, run KILLED); `--resume RUN_ID` continues it exactly where it stopped.
+    """
     from art_reat.config import TrainConfig, read_config_file
     from art_reat.training import train as run_training
 
     values: Dict[str, Any] = read_config_file(config_file) if config_file else {}
     values.update({k: v for k, v in options.items() if v is not None})
-    config = TrainConfig.from_dict(values)
-    result = run_training(config, progress=True)
+    if resume is not None:
+        from art_reat.resume import resume_training
+
+        result = resume_training(resume, values, progress=True)
+    else:
+        config = TrainConfig.from_dict(values)
+        result = run_training(config, progress=True)
     _print_summary(result)
 
 
@@ -104,8 +67,12 @@ def _print_summary(result) -> None:
 
 
 from cli.attack import attack  # noqa: E402  (each command in its own module)
+from cli.report import report  # noqa: E402
+from cli.sweep import sweep  # noqa: E402
 
 main.add_command(attack)
+main.add_command(sweep)
+main.add_command(report)
 
 if __name__ == "__main__":
     main()

@@ -361,7 +361,10 @@ def test_reat_logs_adversarial_prediction_counts(reat_any):
 @needs_data
 def test_pgd_at_logs_no_reat_artifacts(pgd_run):
     assert "adv_pred_hist.json" not in pgd_run.artifact_paths()
-    assert not [k for k in pgd_run.run.data.metrics if k.startswith("adv_pred/")]
+    assert not [k for k in pgd_run.run.data.metrics if k.startswith("rbl_weight/")]
+    # every method logs what its training AEs are predicted as (the paper's Fig. 1 is PGD-AT's)
+    counts = [pgd_run.run.data.metrics[f"adv_pred/class_{c}"] for c in range(NUM_CLASSES)]
+    assert sum(counts) == int(pgd_run.run.data.params["n_train"])
 
 
 # ----------------------------------------------------------------------------- 3. --config file

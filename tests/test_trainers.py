@@ -344,7 +344,7 @@ def test_checkpoints_last_and_best(tmp_path):
     trainer.fit_loader(DeviceLoader(x, y, 16, shuffle=True), val_loader=object())
 
     files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
-    assert files == ["best.pt", "last.pt"]  # no temporary files left behind
+    assert files == ["best.json", "best.pt", "last.json", "last.pt"]  # manifests; no temporary files left behind
     last = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
     best = torch.load(tmp_path / "ckpt" / "best.pt", weights_only=True)
     assert last["epoch"] == 4 and best["epoch"] == 2

@@ -1,5 +1,6 @@
 """A data loader that keeps a whole split on the device as one uint8 tensor and does the
-standard CIFAR augmentation (random crop with zero padding + horizontal flip) in batch."""
+standard CIFAR augmentation (random crop with zero padding + horizontal flip) in batch, optionally
+preceded by a per-sample AutoAugment / RandAugment policy (`art_reat.data.augment`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from art_reat.data.augment import build_augment_policy
 from art_reat.errors import UsageError
 
 
@@ -38,6 +40,9 @@ class DeviceLoader:
     in NCHW, or float NCHW in [0, 1] (numpy or torch, as ART's ``fit`` receives it). Shuffling and augmentation draw from a CPU ``torch.Generator`` seeded with
     ``seed + epoch``. Each full iteration uses the current epoch and then advances it by one;
     ``set_epoch(e)`` chooses the epoch of the next iteration (e.g. when resuming).
+    ``augment_policy`` ("none", "autoaugment", "randaugment") is applied per sample to the uint8
+    batch before the crop and flip, with the same generator (float inputs are rounded to 8 bits
+    first).
     """
 
     def __init__(
@@ -51,6 +56,7 @@ class DeviceLoader:
         drop_last: bool = False,
         seed: int = 0,
         pad: int = 4,
+        augment_policy: str = "none",
     ) -> None:
         if batch_size < 1:
             raise UsageError(f"batch_size={batch_size} is not allowed: use at least 1")
@@ -80,6 +86,8 @@ class DeviceLoader:
         self.batch_size = int(batch_size)
         self.augment, self.shuffle, self.drop_last = augment, shuffle, drop_last
         self.seed, self.pad, self.epoch = int(seed), int(pad), 0
+        self.augment_policy = augment_policy
+        self._policy = build_augment_policy(augment_policy)
 
     @property
     def num_samples(self) -> int:
@@ -100,7 +108,11 @@ class DeviceLoader:
         order = order.to(self.device)
         for k in range(len(self)):
             idx = order[k * self.batch_size : (k + 1) * self.batch_size]
-            xb = self.x[idx].float().div_(255.0) if self.is_uint8 else self.x[idx].float()
+            if self._policy is not None:
+                xb = self.x[idx] if self.is_uint8 else self.x[idx].float().clamp(0, 1).mul(255).round().to(torch.uint8)
+                xb = self._policy(xb, gen).float().div_(255.0)
+            else:
+                xb = self.x[idx].float().div_(255.0) if self.is_uint8 else self.x[idx].float()
             if self.augment:
                 xb = random_crop_flip(xb, self.pad, gen)
             yield xb, self.y[idx]

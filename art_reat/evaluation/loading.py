@@ -24,17 +24,11 @@ class LoadedModel:
 
 
 def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
-    """`torch.load(weights_only=True)`: a checkpoint can hold tensors and plain data, never code."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # truncated, tampered or not a torch file
-        raise DataError(f"checkpoint {str(path)!r} cannot be read: {str(exc).splitlines()[0][:200]}") from None
-    if not isinstance(state, dict) or "model" not in state or "config" not in state.get("meta", {}):
-        raise DataError(f"checkpoint {str(path)!r} is not an art-reat training checkpoint (no model/config inside)")
-    return state
+    """`torch.load(weights_only=True)`: a checkpoint can hold tensors and plain data, never code.
+    When its manifest (``<name>.json``) is beside it, size and SHA-256 are checked first."""
+    from art_reat.checkpoints import load_checkpoint
+
+    return load_checkpoint(path, device)
 
 
 def download_run_checkpoint(run_id: str, tracking_uri: Optional[str], dst: Path) -> Path:
@@ -49,9 +43,14 @@ def download_run_checkpoint(run_id: str, tracking_uri: Optional[str], dst: Path)
         raise UsageError(f"unknown run id {run_id!r} in tracking store {resolve_tracking_uri(tracking_uri)!r}") from None
     for name in ("best.pt", "last.pt"):
         try:
-            return Path(client.download_artifacts(run_id, f"checkpoints/{name}", str(dst)))
+            found = Path(client.download_artifacts(run_id, f"checkpoints/{name}", str(dst)))
         except Exception:
             continue
+        try:  # its manifest, when logged, so that the download is verified
+            client.download_artifacts(run_id, f"checkpoints/{Path(name).stem}.json", str(dst))
+        except Exception:
+            pass
+        return found
     raise ArtReatError(f"run {run_id} has no checkpoints/best.pt or checkpoints/last.pt artifact")
 
 
@@ -75,7 +74,9 @@ def load_model(run_id: Optional[str] = None, checkpoint: Optional[str | Path] = 
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
+        from art_reat.checkpoints import describe_state_dict_error
+
         raise DataError(f"checkpoint {str(path)!r} does not fit model {config.model!r} with {num_classes} classes: "
-                        f"{str(exc).splitlines()[0][:200]}") from None
+                        f"{describe_state_dict_error(exc)}") from None
     return LoadedModel(model.to(device).eval(), config, num_classes, input_shape, run_id or meta.get("run_id"),
                        path if checkpoint is not None else Path(f"runs:/{run_id}/checkpoints/{path.name}"))

@@ -14,9 +14,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Optional
 
-from art_reat.errors import ArtReatError
+from art_reat.errors import ArtReatError, TrainingInterrupted, UsageError
 
 DEFAULT_STORE_DIR = Path("mlruns")
+PARENT_RUN_TAG = "mlflow.parentRunId"  # how MLflow (and its UI) nests a child run under its parent
 
 
 def resolve_tracking_uri(uri: Optional[str]) -> str:
@@ -78,31 +79,70 @@ class RunLogger:
 
 @contextmanager
 def tracked_run(tracking_uri: Optional[str], experiment: str, run_name: Optional[str] = None,
-                tags: Optional[Mapping[str, Any]] = None) -> Iterator[RunLogger]:
-    """Open an MLflow run; end it FINISHED, KILLED (Ctrl-C) or FAILED (any error): never left RUNNING."""
+                tags: Optional[Mapping[str, Any]] = None, parent_run_id: Optional[str] = None,
+                run_id: Optional[str] = None) -> Iterator[RunLogger]:
+    """Open an MLflow run; end it FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED (any error): never left RUNNING.
+
+    With `parent_run_id` the run is a child (nested) run of that run (MLflow's `mlflow.parentRunId` tag).
+    With `run_id` the existing run is reopened (status RUNNING again, `tags` set on it), e.g. to
+    resume an interrupted training, and terminated the same way.
+    """
     from mlflow.tracking import MlflowClient
 
     uri = resolve_tracking_uri(tracking_uri)
+    tags = dict(tags or {})
+    if parent_run_id:
+        tags[PARENT_RUN_TAG] = parent_run_id
     try:
         client = MlflowClient(tracking_uri=uri)
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = (found.experiment_id if found is not None
-                         else client.create_experiment(experiment, artifact_location=_artifact_root(uri)))
-        run = client.create_run(experiment_id, run_name=run_name,
-                                tags={k: str(v) for k, v in (tags or {}).items()})
+        if run_id is not None:
+            run = open_run(client, run_id, uri)
+            client.update_run(run_id, "RUNNING")
+            for key, value in tags.items():
+                client.set_tag(run_id, key, str(value))
+        else:
+            found = client.get_experiment_by_name(experiment)
+            experiment_id = (found.experiment_id if found is not None
+                             else client.create_experiment(experiment, artifact_location=_artifact_root(uri)))
+            run = client.create_run(experiment_id, run_name=run_name,
+                                    tags={k: str(v) for k, v in (tags or {}).items()})
+    except ArtReatError:
+        raise
     except Exception as exc:  # unreachable / locked / malformed store: one line, before any training
         raise ArtReatError(f"cannot open MLflow tracking store {uri!r}: {str(exc).splitlines()[0]}") from None
     logger = RunLogger(client, run.info.run_id)
     try:
         yield logger
-    except KeyboardInterrupt:
-        client.set_terminated(run.info.run_id, "KILLED")
+    except (KeyboardInterrupt, TrainingInterrupted):
+        _terminate(client, run.info.run_id, "KILLED")
         raise
     except BaseException:
-        client.set_terminated(run.info.run_id, "FAILED")
+        _terminate(client, run.info.run_id, "FAILED")
         raise
     else:
-        client.set_terminated(run.info.run_id, "FINISHED")
+        _terminate(client, run.info.run_id, "FINISHED")
+
+
+def open_run(client, run_id: str, uri: str):
+    """The run `run_id` of the store (a one-line `UsageError` when unknown or deleted)."""
+    try:
+        run = client.get_run(run_id)
+    except Exception:
+        raise UsageError(f"unknown run id {run_id!r} in tracking store {uri!r}") from None
+    if run.info.lifecycle_stage != "active":
+        raise UsageError(f"run {run_id} in tracking store {uri!r} is deleted (restore it in MLflow first)")
+    return run
+
+
+def _terminate(client, run_id: str, status: str) -> None:
+    """Set the terminal status; if the store is gone, say so instead of hiding the original error."""
+    try:
+        client.set_terminated(run_id, status)
+    except Exception as exc:
+        import sys
+
+        print(f"Warning: could not mark MLflow run {run_id} {status}: {str(exc).splitlines()[0][:200]}",
+              file=sys.stderr)
 
 
 def _param_str(value: Any) -> str:

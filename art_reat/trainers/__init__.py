@@ -94,5 +94,40 @@ def build_robal(config, parts: MethodParts, **common) -> RoBalTrainer:
                         **_attack_settings(config), **common)
 
 
+# Baselines of issue 8: SRAT (SPEC section 8), TRADES, MART, AWP; each takes the configured long-tail loss.
+from art_reat.trainers.awp import AWPTrainer  # noqa: E402
+from art_reat.trainers.mart import MARTTrainer  # noqa: E402
+from art_reat.trainers.srat import SRAT_LOSSES, SRATTrainer, srat_settings  # noqa: E402
+from art_reat.trainers.trades import TRADESTrainer  # noqa: E402
+
+
+@METHODS.register("srat")
+def build_srat(config, parts: MethodParts, **common) -> SRATTrainer:
+    if config.loss not in SRAT_LOSSES:
+        from art_reat.errors import UsageError
+
+        raise UsageError(f"method srat takes --loss {', '.join(SRAT_LOSSES)} (got {config.loss!r}); deferred "
+                         f"re-weighting supplies the class weights")
+    return SRATTrainer(parts.classifier(), train_counts=parts.train_counts, **srat_settings(config),
+                       **_attack_settings(config), **common)
+
+
+@METHODS.register("trades")
+def build_trades(config, parts: MethodParts, **common) -> TRADESTrainer:
+    return TRADESTrainer(parts.classifier(), beta=config.trades_beta, **_attack_settings(config), **common)
+
+
+@METHODS.register("mart")
+def build_mart(config, parts: MethodParts, **common) -> MARTTrainer:
+    return MARTTrainer(parts.classifier(), beta=config.mart_beta, **_attack_settings(config), **common)
+
+
+@METHODS.register("awp")
+def build_awp(config, parts: MethodParts, **common) -> AWPTrainer:
+    return AWPTrainer(parts.classifier(), gamma=config.awp_gamma, warmup=config.awp_warmup,
+                      **_attack_settings(config), **common)
+
+
 __all__ = ["METHODS", "MODEL_PREPARERS", "MethodParts", "default_attack_steps", "prepare_model", "PGDATTrainer", "REATTrainer", "save_atomic",
-           "RoBalTrainer", "build_robal"]
+           "RoBalTrainer", "build_robal",
+           "AWPTrainer", "MARTTrainer", "SRATTrainer", "TRADESTrainer"]

@@ -6,6 +6,18 @@ scheduler (any torch scheduler) is stepped once per epoch, not per batch as ART'
 
 Subclasses change one thing each through the hooks `craft`, `training_loss`, `on_batch_end`,
 `on_epoch_end` and `extra_state` / `load_extra_state` (what a checkpoint must carry).
+
+Reliability (see `art_reat.checkpoints` and `art_reat.faults`): checkpoints are written atomically
+with a manifest (checksum); with ``seed`` set, every epoch's randomness is a function of
+(seed, epoch): the global RNGs are re-seeded at the start of each epoch and the training attack's
+random start draws from a generator seeded with (seed, epoch, batch), so that a run resumed from a
+checkpoint continues exactly as the uninterrupted run. A stop request (``stop_signal``, set by a
+SIGINT / SIGTERM handler) is honoured at the end of the current batch: the trainer writes a
+mid-epoch checkpoint (model, optimiser, RNG states and the epoch's running sums) to ``last.pt`` and
+raises `TrainingInterrupted`; resuming from it replays the epoch's loader position and continues
+with the next batch. On such a mid-epoch resume `on_epoch_start` is not called again: what it sets
+must be carried by `extra_state`. A NaN / inf loss stops training before the optimiser step
+(`NonFiniteLoss`) and leaves the last checkpoint as it was.
 """
 
 from __future__ import annotations
@@ -22,7 +34,11 @@ from art.defences.trainer import AdversarialTrainerMadryPGD
 from art.defences.trainer.trainer import Trainer
 
 from art_reat.attacks import TensorPGD
+from art_reat.checkpoints import (capture_rng_state, derived_seed, restore_rng_state, rotate_epoch_checkpoints,
+                                  seed_global_rngs, serialize, write_checkpoint)
+from art_reat.errors import TrainingInterrupted
 from art_reat.evaluation import accuracy_report, predict_loader
+from art_reat.faults import check_finite, signal_name
 
 EpochCallback = Callable[[int, Dict[str, float]], None]
 
@@ -37,13 +53,15 @@ class PGDATTrainer(AdversarialTrainerMadryPGD):
     :param eval_attack_steps: steps of the PGD used on the validation split each epoch.
     :param checkpoint_dir: where `last.pt` and `best.pt` (by validation robust accuracy) are written.
     :param callbacks: called as `callback(epoch, metrics)` after each epoch (e.g. MLflow logging).
+    :param seed: when set, per-epoch re-seeding and per-batch attack generators (exact resume).
+    :param keep_last: also keep the ``keep_last`` most recent per-epoch checkpoints ``epoch_XXX.pt``.
     """
 
     def __init__(self, classifier, attack: Optional[TensorPGD] = None, *, nb_epochs: int = 80,
                  batch_size: int = 128, eps: float = 8 / 255, eps_step: float = 2 / 255, max_iter: int = 10,
                  scheduler=None, eval_attack_steps: int = 20, checkpoint_dir: Optional[str | Path] = None,
                  checkpoint_meta: Optional[dict] = None, callbacks: Sequence[EpochCallback] = (),
-                 progress: bool = False) -> None:
+                 progress: bool = False, seed: Optional[int] = None, keep_last: int = 0) -> None:
         # ART's __init__ would build its own numpy PGD and AdversarialTrainer; we only need the base.
         Trainer.__init__(self, classifier)
         self.nb_epochs = nb_epochs
@@ -60,6 +78,15 @@ class PGDATTrainer(AdversarialTrainerMadryPGD):
         self.history: List[Dict[str, float]] = []
         self.start_epoch = 0
         self.best_metric = -math.inf
+        # reliability
+        self.seed = seed
+        self.keep_last = int(keep_last or 0)
+        self.check_finite = True
+        self.stop_signal: Optional[int] = None  # set by a signal handler: stop after the current batch
+        self.accepting_stop = False  # true inside fit_loader, where a stop request is honoured gracefully
+        self.batch_generator: Optional[torch.Generator] = None  # the training attack's random start
+        self._partial: Optional[dict] = None  # a mid-epoch checkpoint's running state, until used
+        self._pending_rng: Optional[dict] = None  # RNG states of a loaded checkpoint, restored by fit_loader
 
     # ----------------------------------------------------------------------------- hooks
     def build_attack(self, eps: float, eps_step: float, max_iter: int) -> TensorPGD:
@@ -67,7 +94,7 @@ class PGDATTrainer(AdversarialTrainerMadryPGD):
                          batch_size=self.batch_size)
 
     def craft(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.attack.perturb(x, y)
+        return self.attack.perturb(x, y, generator=self.batch_generator)
 
     def training_loss(self, x_adv: torch.Tensor, y: torch.Tensor):
         """(loss, logits, terms) of the outer minimisation, model in train mode."""
@@ -109,7 +136,8 @@ class PGDATTrainer(AdversarialTrainerMadryPGD):
         device = self._classifier.device
         batch_size = batch_size or self.batch_size
         train = DeviceLoader(x, _labels(y), batch_size, device, augment=kwargs.get("augment", False),
-                             shuffle=True, seed=kwargs.get("seed", 0))
+                             shuffle=True, seed=kwargs.get("seed", 0),
+                             augment_policy=kwargs.get("augment_policy", "none"))
         val = None
         if validation_data is not None:
             val = DeviceLoader(validation_data[0], _labels(validation_data[1]), batch_size, device)
@@ -118,24 +146,57 @@ class PGDATTrainer(AdversarialTrainerMadryPGD):
     # ----------------------------------------------------------------------------- the epoch loop
     def fit_loader(self, train_loader, val_loader=None, nb_epochs: Optional[int] = None) -> List[Dict[str, float]]:
         nb_epochs = nb_epochs or self.nb_epochs
-        for epoch in range(self.start_epoch, nb_epochs):
-            metrics = self.train_epoch(epoch, train_loader)
-            if val_loader is not None:
-                metrics.update(self.validate(val_loader))
-            metrics.update(self.on_epoch_end(epoch))
-            self.start_epoch = epoch + 1
-            self.history.append(metrics)
-            self._save_checkpoints(metrics)
-            for callback in self.callbacks:
-                callback(epoch, metrics)
+        self.accepting_stop = True
+        try:
+            for epoch in range(self.start_epoch, nb_epochs):
+                metrics = self.train_epoch(epoch, train_loader)
+                if val_loader is not None:
+                    metrics.update(self.validate(val_loader))
+                metrics.update(self.on_epoch_end(epoch))
+                self.start_epoch = epoch + 1
+                self.history.append(metrics)
+                self._save_checkpoints(metrics)
+                for callback in self.callbacks:
+                    callback(epoch, metrics)
+                if self.stop_signal is not None:  # arrived after the epoch's last batch: its checkpoint is written
+                    raise self._interrupted(f"after epoch {epoch + 1}/{nb_epochs}")
+        finally:
+            self.accepting_stop = False
         return self.history
+
+    def _interrupted(self, where: str) -> TrainingInterrupted:
+        saved = f"checkpoint saved to {str(self.checkpoint_dir / 'last.pt')!r}" if self.checkpoint_dir else (
+            "no checkpoint folder: call state_dict() to keep the state")
+        return TrainingInterrupted(f"{signal_name(self.stop_signal)} {where}: {saved}", self.stop_signal)
+
+    def _begin_epoch(self, epoch: int) -> Optional[dict]:
+        """RNG set-up of an epoch; returns the running state of a mid-epoch checkpoint of this epoch."""
+        partial, self._partial = self._partial, None
+        if partial is not None and int(partial["epoch"]) != epoch:
+            partial = None
+        if partial is None:
+            restore_rng_state(self._pending_rng)
+            if self.seed is not None:
+                seed_global_rngs(derived_seed(self.seed, epoch))
+        else:  # continue a mid-epoch checkpoint where it stopped: its RNG states are those after its last batch
+            restore_rng_state(self._pending_rng)
+        self._pending_rng = None
+        return partial
+
+    def _batch_generator(self, epoch: int, batch: int) -> Optional[torch.Generator]:
+        if self.seed is None:
+            return None
+        device = torch.device(self._classifier.device)
+        return torch.Generator(device=device).manual_seed(derived_seed(self.seed, epoch, batch))
 
     def train_epoch(self, epoch: int, loader) -> Dict[str, float]:
         model = self._classifier.model
         optimizer = self._classifier.optimizer
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
-        self.on_epoch_start(epoch)
+        partial = self._begin_epoch(epoch)
+        if partial is None:
+            self.on_epoch_start(epoch)
         lr = optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
         device = self._classifier.device
@@ -143,12 +204,27 @@ class PGDATTrainer(AdversarialTrainerMadryPGD):
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         term_sums: Dict[str, torch.Tensor] = {}
         correct = torch.zeros((), device=device, dtype=torch.long)
+        # what the training AEs are predicted as, per class (every method; Figs. 1/5/6/11 of the paper)
+        adv_pred = torch.zeros(self._classifier.nb_classes, device=device, dtype=torch.long)
         seen = 0
+        skip = 0
+        if partial is not None:
+            skip, seen, lr = int(partial["batch"]), int(partial["seen"]), float(partial["lr"])
+            loss_sum = partial["loss_sum"].to(device)
+            correct = partial["correct"].to(device)
+            adv_pred = partial["adv_pred"].to(device)
+            term_sums = {k: v.to(device) for k, v in partial["term_sums"].items()}
+        nb_batches = len(loader) if hasattr(loader, "__len__") else None
         batches = _progress(loader, f"epoch {epoch + 1}/{self.nb_epochs}", self.progress)
-        for x, y in batches:
+        for batch, (x, y) in enumerate(batches):
+            if batch < skip:  # replay the loader (its shuffling and augmentation) up to the checkpoint
+                continue
+            self.batch_generator = self._batch_generator(epoch, batch)
             x_adv = self.craft(x, y)
             model.train()
             loss, logits, terms = self.training_loss(x_adv, y)
+            if self.check_finite:
+                check_finite(loss, terms, epoch, batch, self.nb_epochs, nb_batches, self._kept_note)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -160,6 +236,14 @@ class PGDATTrainer(AdversarialTrainerMadryPGD):
             for name, value in terms.items():
                 term_sums[name] = term_sums.get(name, 0) + value.detach().double() * n
             correct += (logits.argmax(dim=1) == y).sum()
+            adv_pred += torch.bincount(logits.argmax(dim=1), minlength=adv_pred.numel())[:adv_pred.numel()]
+            if self.stop_signal is not None and (nb_batches is None or batch + 1 < nb_batches):
+                self._save_partial({"epoch": epoch, "batch": batch + 1, "seen": seen, "lr": lr,
+                                    "loss_sum": loss_sum, "correct": correct, "adv_pred": adv_pred,
+                                    "term_sums": term_sums})
+                total = f"/{nb_batches}" if nb_batches else ""
+                raise self._interrupted(f"during epoch {epoch + 1}/{self.nb_epochs}, after batch {batch + 1}{total}")
+        self.batch_generator = None
         if self.scheduler is not None:
             self.scheduler.step()
         metrics = {
@@ -169,6 +253,7 @@ class PGDATTrainer(AdversarialTrainerMadryPGD):
             "epoch_seconds": time.perf_counter() - start,
         }
         metrics.update({f"train/loss_{name}": float(v) / max(seen, 1) for name, v in term_sums.items()})
+        metrics.update({f"adv_pred/class_{c}": float(n) for c, n in enumerate(adv_pred.tolist())})
         return metrics
 
     def validate(self, loader) -> Dict[str, float]:
@@ -185,6 +270,9 @@ class PGDATTrainer(AdversarialTrainerMadryPGD):
         return f"val/pgd{self.eval_attack.max_iter}_acc"
 
     def state_dict(self) -> dict:
+        """Everything a resume needs: model, optimiser, scheduler, completed epochs, best-so-far,
+        history, the method's `extra_state`, the global RNG states, and (`partial`, only in a
+        checkpoint written on an interrupt) the position and running sums inside an epoch."""
         return {
             "model": self._classifier.model.state_dict(),
             "optimizer": self._classifier.optimizer.state_dict(),
@@ -194,6 +282,9 @@ class PGDATTrainer(AdversarialTrainerMadryPGD):
             "history": self.history,
             "trainer": self.extra_state(),
             "meta": self.checkpoint_meta,
+            "rng": capture_rng_state(),
+            "seed": self.seed,
+            "partial": None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -205,6 +296,38 @@ class PGDATTrainer(AdversarialTrainerMadryPGD):
         self.best_metric = float(state["best_metric"])
         self.history = list(state.get("history", []))
         self.load_extra_state(state.get("trainer", {}))
+        # applied when training continues (fit_loader), so that nothing in between consumes them
+        self._pending_rng = state.get("rng")
+        self._partial = state.get("partial")
+
+    def _kept_note(self) -> str:
+        if self.checkpoint_dir is None:
+            return ""
+        if not (self.checkpoint_dir / "last.pt").exists():
+            return "; no checkpoint was written yet"
+        return f"; the last good checkpoint is kept: {str(self.checkpoint_dir / 'last.pt')!r}"
+
+    def manifest(self, metrics: Optional[Dict[str, float]] = None, partial: Optional[dict] = None) -> dict:
+        """What the manifest beside a checkpoint says (besides size, checksum and version)."""
+        meta = self.checkpoint_meta
+        out = {"epoch": self.start_epoch, "nb_epochs": self.nb_epochs, "best_metric": self.best_metric,
+               "selection_metric": self.selection_metric, "metrics": dict(metrics or {}),
+               "run_id": meta.get("run_id"), "num_classes": meta.get("num_classes"), "config": meta.get("config"),
+               "trainer": type(self).__name__, "resumable": True}
+        if partial is not None:
+            out["partial"] = {"epoch": int(partial["epoch"]), "batch": int(partial["batch"])}
+        return out
+
+    def _save_partial(self, running: dict) -> None:
+        """A mid-epoch checkpoint (written on an interrupt) to last.pt: resumable at the next batch."""
+        if self.checkpoint_dir is None:
+            return
+        state = self.state_dict()
+        partial = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in running.items()}
+        partial["term_sums"] = {k: v.detach().cpu() for k, v in running["term_sums"].items()}
+        state["partial"] = partial
+        path = self.checkpoint_dir / "last.pt"
+        write_checkpoint(serialize(state, path), path, self.manifest(partial=partial))
 
     def _save_checkpoints(self, metrics: Dict[str, float]) -> None:
         # with no validation split, the last epoch is the best one
@@ -214,21 +337,32 @@ class PGDATTrainer(AdversarialTrainerMadryPGD):
             self.best_metric = score
         if self.checkpoint_dir is None:
             return
-        state = self.state_dict()
-        save_atomic(state, self.checkpoint_dir / "last.pt")
+        payload = serialize(self.state_dict(), self.checkpoint_dir / "last.pt")  # once; a failure changes no file
+        manifest = self.manifest(metrics)
+        # per-epoch copy and best first, last.pt last: last.pt never claims a best that is not on disk
+        if self.keep_last > 0:
+            write_checkpoint(payload, self.checkpoint_dir / f"epoch_{self.start_epoch:03d}.pt", manifest)
+            rotate_epoch_checkpoints(self.checkpoint_dir, self.keep_last)
         if improved:
-            save_atomic(state, self.checkpoint_dir / "best.pt")
+            write_checkpoint(payload, self.checkpoint_dir / "best.pt", manifest)
+        write_checkpoint(payload, self.checkpoint_dir / "last.pt", manifest)
 
 
 def save_atomic(obj: dict, path: Path) -> None:
-    """torch.save to a temporary file, fsync, then rename: a crash never leaves a half-written file."""
+    """torch.save to a temporary file, fsync, then rename: a crash never leaves a half-written file
+    (a failure removes the temporary file). `write_checkpoint` also writes a manifest."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
 
 
 def _labels(y: np.ndarray) -> np.ndarray:

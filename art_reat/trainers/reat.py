@@ -52,9 +52,13 @@ class REATTrainer(PGDATTrainer):
         return {"adv_pred_hist.json": self.adv_pred_history}
 
     def extra_state(self) -> dict:
-        return {"class_weights": self.attack.class_weights.cpu(), "adv_pred_history": self.adv_pred_history}
+        # the running counts matter for a mid-epoch (interrupt) checkpoint, where the epoch goes on
+        return {"class_weights": self.attack.class_weights.cpu(), "adv_pred_history": self.adv_pred_history,
+                "adv_pred_counts": self.adv_pred_counts.cpu()}
 
     def load_extra_state(self, state: dict) -> None:
         if "class_weights" in state:
             self.attack.set_class_weights(state["class_weights"])
         self.adv_pred_history = list(state.get("adv_pred_history", []))
+        if "adv_pred_counts" in state:
+            self.adv_pred_counts.copy_(state["adv_pred_counts"].to(self.adv_pred_counts.device))

@@ -162,7 +162,7 @@ class RoBalTrainer(PGDATTrainer):
 
     def craft(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self._natural = x  # the TRADES term needs the natural batch in `training_loss`
-        return self.attack.perturb(x, y)
+        return self.attack.perturb(x, y, generator=self.batch_generator)
 
     def training_loss(self, x_adv: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, dict]:
         x_nat, self._natural = self._natural, None
