@@ -67,6 +67,10 @@ class TrainConfig:
     awp_warmup: int = 0  # AWP: epochs without weight perturbation at the start
     # reporting (issue 5)
     record_ae_distance: int = 0  # probe images whose training AEs are compared across epochs (Fig. 3); 0: off
+    # speed (issue 6): they change how fast, not what is trained (amp: bf16 rounding of the forward passes)
+    amp: bool = False  # bf16 autocast around the training forward and the training attack's forward passes
+    channels_last: bool = False  # model and input batches in torch.channels_last
+    compile: bool = False  # torch.compile of the forward pass used for training and the training attack
     # bookkeeping
     seed: int = 0
     device: str = "auto"

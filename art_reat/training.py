@@ -15,6 +15,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from art_reat import distributed
+from art_reat.accel import accelerate, full_precision
 from art_reat.attacks import TensorPGD
 from art_reat.config import TrainConfig
 from art_reat.data import (DATASETS, DeviceLoader, class_groups, load_dataset, proportional_subset, stratified_split,
@@ -44,11 +46,11 @@ class PreparedData:
 
 @dataclass
 class TrainResult:
-    run_id: str
+    run_id: Optional[str]  # None on the ranks other than 0 of a torchrun job (they track nothing)
     config: TrainConfig
     history: List[Dict[str, float]]
-    test: Dict[str, dict]  # {"clean": report, "pgd20": report}, reports from `accuracy_report`
-    checkpoint_dir: Path
+    test: Dict[str, dict]  # {"clean": report, "pgd20": report}, reports from `accuracy_report`; {} off rank 0
+    checkpoint_dir: Optional[Path]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -169,10 +171,26 @@ def train(config: TrainConfig, progress: bool = False, parent_run_id: Optional[s
     """
     config.validate()
     check_names(config)
-    device = resolve_device(config.device)
+    # several processes under torchrun (RANK, WORLD_SIZE, LOCAL_RANK): one process group for the run
+    dist_ctx = distributed.setup(config.device)
+    try:
+        return _train(config, progress, parent_run_id, extra_tags, resume, dist_ctx)
+    finally:
+        # the normal end met at a barrier (`distributed.finish`) already; after an error: no barrier
+        distributed.abort(dist_ctx)
+
+
+def _train(config: TrainConfig, progress: bool, parent_run_id: Optional[str], extra_tags: Optional[Dict[str, object]],
+           resume, dist_ctx: Optional[distributed.DistContext]) -> TrainResult:
+    main = dist_ctx is None or dist_ctx.is_main
+    device = dist_ctx.device if dist_ctx is not None else resolve_device(config.device)
     output_root = Path(config.output_dir)
     check_output_dir(output_root)
+    if not main:
+        dist_ctx.barrier()  # rank 0 reads (and downloads, caches) the data first
     data = prepare_data(config)
+    if main and dist_ctx is not None:
+        dist_ctx.barrier()
     if resume is not None:
         resume.check_data(config, data)
     config = replace(config, eps=config.eps if config.eps is not None else data.default_eps)
@@ -187,9 +205,15 @@ def train(config: TrainConfig, progress: bool = False, parent_run_id: Optional[s
         resume.check_parts(config, parts)  # another model / class count: one line, before the run is touched
     scheduler = torch.optim.lr_scheduler.MultiStepLR(parts.optimizer, milestones=config.milestones,
                                                      gamma=config.lr_gamma)
+    if not main:  # MLflow, checkpoints, validation and the final test are rank 0's
+        with StopOnSignals() as guard:
+            return _train_in_run(config, data, parts, scheduler, groups, device, _NoRun(), guard, None, False,
+                                 resume, dist_ctx)
     check_free_space(output_root, parts.model, parts.optimizer, config.keep_last)
     tags = {"method": config.method, "dataset": config.dataset, "ur": config.ur, "model": config.model,
             "loss": config.loss, "seed": config.seed, "git_commit": git_commit(), "device": device.type}
+    if dist_ctx is not None:
+        tags["world_size"] = dist_ctx.world_size
     tags.update(extra_tags or {})
     reopen = resume.run_id if resume is not None else None
     if reopen is not None:
@@ -205,7 +229,7 @@ def train(config: TrainConfig, progress: bool = False, parent_run_id: Optional[s
                 if lock is None:
                     lock = RunLock(checkpoint_dir, run.run_id).acquire()
                 return _train_in_run(config, data, parts, scheduler, groups, device, run, guard, checkpoint_dir,
-                                     progress, resume)
+                                     progress, resume, dist_ctx)
             except TrainingInterrupted as exc:
                 raise _interrupted(exc, run.run_id, config, checkpoint_dir) from None
     finally:
@@ -213,12 +237,25 @@ def train(config: TrainConfig, progress: bool = False, parent_run_id: Optional[s
             lock.release()
 
 
+class _NoRun:
+    """The run of ranks other than 0, which track nothing (MLflow logging is rank 0's)."""
+
+    run_id = None
+
+    def _skip(self, *args, **kwargs) -> None:
+        return None
+
+    log_params = log_metrics = log_dict = log_artifact = set_tags = _skip
+
+
 def _train_in_run(config: TrainConfig, data: PreparedData, parts: MethodParts, scheduler, groups, device, run,
-                  guard: StopOnSignals, checkpoint_dir: Path, progress: bool, resume) -> TrainResult:
+                  guard: StopOnSignals, checkpoint_dir: Optional[Path], progress: bool, resume,
+                  dist_ctx: Optional[distributed.DistContext] = None) -> TrainResult:
+    main = dist_ctx is None or dist_ctx.is_main
     continuing = resume is not None and resume.run_id is not None
     if continuing:
         run.log_dict(config.to_dict(), "config.json")  # --epochs / --keep-last may have changed
-    else:
+    else:  # (a `_NoRun` off rank 0 logs nothing)
         run.log_params(config.to_dict())
         run.log_params({"n_train": len(data.y_train), "n_val": len(data.y_val), "n_test": len(data.y_test)})
         run.log_dict(config.to_dict(), "config.json")
@@ -229,31 +266,45 @@ def _train_in_run(config: TrainConfig, data: PreparedData, parts: MethodParts, s
         config, parts, scheduler=scheduler, checkpoint_dir=checkpoint_dir,
         checkpoint_meta={"config": config.to_dict(), "num_classes": data.num_classes, "run_id": run.run_id,
                          "input_shape": list(parts.input_shape), "train_counts": data.train_counts.tolist()},
-        progress=progress)
+        progress=progress and main)
     trainer.seed = config.seed  # per-epoch / per-batch seeding: an exact resume
     trainer.keep_last = config.keep_last
     if resume is not None:
         trainer.load_state_dict(resume.state)
-        _log_missing_epochs(run, trainer)
-    if config.record_ae_distance:  # before the logging callback, which then logs `ae_distance`
+        if main:
+            _log_missing_epochs(run, trainer)
+    if config.record_ae_distance and main:  # before the logging callback, which then logs `ae_distance`
         from art_reat.trainers.ae_distance import AEDistanceRecorder
 
         trainer.callbacks.append(AEDistanceRecorder.for_training(
             trainer, data.x_train, data.y_train, config.record_ae_distance, seed=config.seed))
-    trainer.callbacks.append(lambda epoch, metrics: _log_epoch_or_fail(run, trainer, epoch, metrics, checkpoint_dir))
+    if main:
+        trainer.callbacks.append(lambda epoch, metrics: _log_epoch_or_fail(run, trainer, epoch, metrics,
+                                                                           checkpoint_dir))
     classifier = trainer.get_classifier()
+    # speed options and DDP, once the trainer is built (AWP copies the plain model for its proxy)
+    accelerate(classifier, amp=config.amp, channels_last=config.channels_last, compile=config.compile,
+               dist=dist_ctx)
+    trainer.dist = dist_ctx
     train_loader = DeviceLoader(data.x_train, data.y_train, config.batch_size, device, augment=True,
                                 shuffle=True, seed=config.seed, augment_policy=config.augment)
-    val_loader = (DeviceLoader(data.x_val, data.y_val, config.batch_size, device) if len(data.y_val) else None)
+    if dist_ctx is not None:  # the same global batches on every rank; each keeps its slice
+        train_loader = distributed.ShardedLoader(train_loader, dist_ctx.rank, dist_ctx.world_size)
+    val_loader = (DeviceLoader(data.x_val, data.y_val, config.batch_size, device) if len(data.y_val) and main
+                  else None)
     guard.trainer = trainer  # from here on SIGINT / SIGTERM stop at the end of a batch, with a checkpoint
     history = trainer.fit_loader(train_loader, val_loader, nb_epochs=config.epochs)
+    distributed.finish(dist_ctx)  # all ranks are done training; the final test is rank 0's alone
+    if not main:
+        return TrainResult(None, config, history, {}, None)
 
     # final report on the test set, with the checkpoint selected on the validation split
     best = checkpoint_dir / "best.pt"
     if best.exists():
         classifier.model.load_state_dict(load_checkpoint(best, device)["model"])
     test_loader = DeviceLoader(data.x_test, data.y_test, config.batch_size, device)
-    test = evaluate_test(classifier, trainer.eval_attack, test_loader, data.num_classes, groups)
+    with full_precision(classifier.model):  # --amp: the reported accuracies are float32 ones
+        test = evaluate_test(classifier, trainer.eval_attack, test_loader, data.num_classes, groups)
     run.log_metrics(report_metrics("test", test), step=config.epochs)
     run.log_dict(test, "test_report.json")
     for name in ("best.pt", "last.pt"):

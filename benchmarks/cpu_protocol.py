@@ -36,7 +36,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
@@ -52,13 +52,17 @@ METHODS = [
 
 # Chosen from measured costs on a 2-core machine (see the results file); small-cnn, batch 128.
 SCALES = {
-    # about 22 min of training, 7 min of PGD/CW and 12 min of AutoAttack for the four methods together,
-    # uncontended (per image and attack step about 3 ms; standard AA about 3 min per 100 images)
-    "full": dict(train_subset=3000, epochs=4, milestones=[3], eval_samples=500, aa_samples=100,
-                 cw_steps=30, attack_steps=None, eval_attack_steps=10, batch_size=128),
+    # Measured on an idle 2-core AMD EPYC (torch 2.14, 2 threads): a PGD-10 training batch of 128 takes
+    # about 1.9 s (RoBal's PGD-5 + TRADES about 1.5 s), i.e. about 1.3 ms per image and attack step;
+    # standard AutoAttack about 80 s per 100 test images of a weak model (more for a more robust one).
+    # Estimate: training about 29 min (4 methods x 3 epochs x 75 batches, with validation and the AE
+    # probe), clean / PGD-20 / CW-30 / PGD-20 (x10) on 1000 images about 6 min, AutoAttack on 100
+    # images about 8 min: about 45 of the 60 minutes, leaving room for a slower or busier machine.
+    "full": dict(train_subset=10000, epochs=3, milestones=[2], eval_samples=1000, aa_samples=100,
+                 cw_steps=30, attack_steps=None, eval_attack_steps=10, batch_size=128, ae_probe=256),
     # the pipeline at a toy scale; AutoAttack (minutes even on 20 images) only with --aa-samples N
     "quick": dict(train_subset=300, epochs=1, milestones=[60, 75], eval_samples=60, aa_samples=0,
-                  cw_steps=5, attack_steps=2, eval_attack_steps=2, batch_size=64),
+                  cw_steps=5, attack_steps=2, eval_attack_steps=2, batch_size=64, ae_probe=16),
 }
 
 
@@ -71,8 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                       "[outputs/cpu_protocol, or outputs/cpu_protocol_quick]")
     p.add_argument("--out", help="the results file [benchmarks/results/cpu_protocol.md; with --quick: "
                                  "WORK_DIR/cpu_protocol.md]")
-    p.add_argument("--train-subset", type=int, help="proportional subset of the CIFAR-10-LT training set "
-                                                    "[full: all 12406 images]")
+    p.add_argument("--train-subset", type=int, help="proportional subset of the 12,406 CIFAR-10-LT training "
+                                                    "images (0: all) [10000]")
     p.add_argument("--epochs", type=int)
     p.add_argument("--milestones", help="comma-separated epochs where the LR is x0.1")
     p.add_argument("--eval-samples", type=int, help="stratified test images for clean / PGD-20 / CW / x10")
@@ -85,6 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("train_subset", "epochs", "eval_samples", "aa_samples", "cw_steps"):
         if getattr(args, name) is not None:
             scale[name] = getattr(args, name)
+    if scale["train_subset"] == 0:
+        scale["train_subset"] = None  # --train-subset 0: the whole long-tailed training set
     if args.milestones:
         scale["milestones"] = [int(v) for v in args.milestones.split(",") if v.strip()]
     args.scale = scale
@@ -135,7 +141,8 @@ def main(argv=None) -> int:
     base = dict(dataset="cifar10lt", ur=100.0, data_dir=str(Path(args.data_dir).resolve()), model="small-cnn",
                 epochs=scale["epochs"], milestones=scale["milestones"], batch_size=scale["batch_size"],
                 train_subset=scale["train_subset"], eval_samples=min(scale["eval_samples"], 200),
-                eval_attack_steps=scale["eval_attack_steps"], seed=args.seed, device=args.device,
+                eval_attack_steps=scale["eval_attack_steps"], record_ae_distance=scale["ae_probe"],
+                seed=args.seed, device=args.device,
                 experiment=experiment, tracking_uri=uri, output_dir=str(work / "checkpoints"),
                 run_name="cpu-protocol")
     if scale["attack_steps"] is not None:
@@ -192,7 +199,7 @@ def main(argv=None) -> int:
 def results_markdown(args, scale, report, sweep, timings: Dict[str, float], total: float, uri: str) -> str:
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
     n_train = "the whole CIFAR-10-LT (UR=100) training set, 12,406 images" if scale["train_subset"] is None else \
-        f"a proportional subset of {scale['train_subset']} images of CIFAR-10-LT (UR=100)"
+        f"a proportional subset of {scale['train_subset']} of the 12,406 CIFAR-10-LT (UR=100) training images"
     train_attack = ("PGD-10 (RoBal: PGD-5)" if scale["attack_steps"] is None else f"PGD-{scale['attack_steps']}")
     experiment = "cpu-protocol-quick" if args.quick else "cpu-protocol"
     resumed = ", resumed: some methods were trained by an earlier, interrupted invocation" if sweep.resumed else ""
@@ -220,7 +227,8 @@ def results_markdown(args, scale, report, sweep, timings: Dict[str, float], tota
         f"- Training: small-cnn, batch {scale['batch_size']}, SGD lr 0.1 (momentum 0.9, weight decay 5e-4), "
         f"x0.1 at epochs {scale['milestones']}, eps 8/255, step 2/255, training attack "
         f"{train_attack}, "
-        f"checkpoint chosen by PGD-{scale['eval_attack_steps']} accuracy on a 5% stratified validation split.",
+        f"checkpoint chosen by PGD-{scale['eval_attack_steps']} accuracy on a 5% stratified validation split; "
+        f"Fig. 3's AE distance recorded on {scale['ae_probe']} fixed training images.",
         f"- Evaluation: clean, PGD-20, CW-{scale['cw_steps']} (CW margin loss, kappa 50) and PGD-20 on "
         f"10 x logits (the adaptive attack of SPEC section 9; prediction on the unscaled logits) on "
         f"{scale['eval_samples']} stratified test images; " + (

@@ -16,7 +16,7 @@ CIFAR-10-LT (UR = 100), read from ``{data_dir}/cifar10/{train,test}.npz``; rando
 with CIFAR-10-LT-distributed labels when those files are missing. N_c (RBL and TAIL weights, BSL)
 are the counts of the full CIFAR-10-LT training set.
 
-Part 2 (TAIL): `art_reat.losses.tail_regularizer` (vectorised) against a per-sample Python loop
+Part 2 (TAIL): `art_reat.losses.tail_regularizer_core` (vectorised, the training path) against a per-sample Python loop
 written here that follows SPEC section 5 literally (for each tail sample i, for each j, the KL),
 at B = 128, K = 512, random features, CIFAR-10-LT counts, in both modes ("reference" and "paper").
 Values and gradients are checked to agree (float64) before timing; the timing is float32,
@@ -31,6 +31,7 @@ samples); the target is checked on the first (the smaller ratio: the loop's cost
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import datetime as _dt
 import math
 import os
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 from art_reat.config import TrainConfig
 from art_reat.data import DeviceLoader, class_groups, load_dataset, long_tailed_counts, stratified_split
 from art_reat.errors import DataError
-from art_reat.losses import build_loss, tail_regularizer
+from art_reat.losses import build_loss, tail_class_weights, tail_regularizer_core
 from art_reat.models import build_model
 from art_reat.trainers import METHODS, MethodParts
 
@@ -267,8 +268,13 @@ def bench_tail(args, counts: np.ndarray) -> List[Dict[str, object]]:
         num_tail = int(torch.isin(labels, torch.tensor(tail)).sum())
         feats = torch.randn(batch, k_dim, generator=gen)
         for mode in ("reference", "paper"):
-            def vec(f, mode=mode, labels=labels):
-                return tail_regularizer(f, labels, counts, mode=mode, tail_classes=tail)
+            # the training path: constants precomputed once, as TAILPyTorchClassifier does
+            omega_c = tail_class_weights(counts)
+            tail_mask = torch.zeros(NUM_CLASSES, dtype=torch.bool)
+            tail_mask[tail] = True
+
+            def vec(f, mode=mode, labels=labels, omega_c=omega_c, tail_mask=tail_mask):
+                return tail_regularizer_core(f, labels, omega_c, tail_mask, mode=mode)
 
             def loop(f, mode=mode, labels=labels):
                 return tail_loop(f, labels.tolist(), counts_list, mode, tail)
@@ -319,7 +325,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="timed epochs per method (default 3)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--data-dir", default="/work/shared/data",
+    parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"),
                         help="holds cifar10/{train,test}.npz; random data when missing")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tail-repeats", type=int, default=15, help="timed samples of the TAIL micro-benchmark")

@@ -38,6 +38,8 @@ def parse_args():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up round (slow models)")
     return p.parse_args()
 
 
@@ -53,6 +55,8 @@ def main() -> None:
     from art_reat.trainers import PGDATTrainer, REATTrainer
 
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     torch.manual_seed(args.seed)
@@ -146,7 +150,8 @@ def main() -> None:
     times = {key: [] for key in variants}
     peaks = {}
     for key, run in runs.items():  # warm-up (allocator, lazy init), not timed
-        run()
+        if not args.no_warmup:
+            run()
     for _ in range(args.repeats):
         for key, run in runs.items():
             if device.type == "cuda":
@@ -161,7 +166,7 @@ def main() -> None:
 
     per_batch = {key: statistics.median(v) for key, v in times.items()}
     print(f"# throughput: {args.model}, batch {args.batch_size}, {args.batches} batches x {args.repeats} repeats "
-          f"(interleaved), device {device}")
+          f"(interleaved{'' if args.no_warmup else ', after a warm-up round'}), device {device}")
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}, {datetime.datetime.now().isoformat(timespec='minutes')}")
     print(f"{'variant':<50}{'s/batch':>10}" + (f"{'peak MiB':>10}" if peaks else ""))

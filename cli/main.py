@@ -46,7 +46,8 @@ def train(config_file: Optional[str], resume: Optional[str], **options: Any) -> 
     else:
         config = TrainConfig.from_dict(values)
         result = run_training(config, progress=True)
-    _print_summary(result)
+    if result.run_id is not None:  # under torchrun only rank 0 has a run to report
+        _print_summary(result)
 
 
 def _print_summary(result) -> None:

@@ -8,13 +8,13 @@ name, output folder, download) stay single-valued.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import click
 
 # Options that say where runs go (or how data are fetched), not what is trained: given once to a sweep.
 SINGLE_VALUED = ("--config", "--download/--no-download", "--experiment", "--run-name", "--tracking-uri", "--output-dir",
-                 "--keep-last")
+                 "--keep-last", "--amp/--no-amp", "--channels-last/--no-channels-last", "--compile/--no-compile")
 
 
 def _parse_milestones(value: str):
@@ -94,6 +94,12 @@ def train_options(repeatable: bool = False) -> Callable[[Callable], Callable]:
         option("--awp-warmup", type=int, help="AWP: epochs without weight perturbation at the start. [0]"),
         option("--record-ae-distance", type=int, help="Mean L2 distance between the training-attack AEs of N fixed "
                "training images in consecutive epochs (metric ae_distance; the paper's Fig. 3). [0: off]"),
+        option("--amp/--no-amp", default=None, help="bf16 autocast for the training forward and the training "
+               "attack (losses in float32; validation and test in float32). CUDA and CPU. [off]"),
+        option("--channels-last/--no-channels-last", default=None, help="Model and input batches in channels-last "
+               "memory format (faster convolutions on GPUs). [off]"),
+        option("--compile/--no-compile", default=None, help="torch.compile the forward pass of training and of the "
+               "training attack (the first batches are slow while it compiles). [off]"),
         option("--seed", type=int, help="Seed of the LT subset, splits, init and augmentation. [0]"),
         option("--device", help="auto, cpu or cuda[:N]. [auto]"),
         option("--train-subset", type=int, help="Stratified subset of the training set (smoke runs)."),

@@ -33,8 +33,10 @@ def sweep(config_file: Optional[str], fresh: bool, dry_run: bool, **options: Any
     axes: Dict[str, List[Any]] = {}
     for name, value in options.items():
         if isinstance(value, tuple):
-            if value:
+            if len(value) > 1:
                 axes[name] = list(value)
+            elif value:
+                base[name] = value[0]
         elif value is not None:
             base[name] = value
     plan = plan_sweep(base, axes)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from art.attacks.evasion import ProjectedGradientDescentPyTorch
 
+from art_reat.accel import to_device
 from art_reat.errors import UsageError
 
 RANDOM_STARTS = ("uniform", "one-sided", "none")
@@ -48,6 +49,11 @@ class TensorPGD(ProjectedGradientDescentPyTorch):
     """
 
     attack_params = ProjectedGradientDescentPyTorch.attack_params + ["random_start", "model_mode"]
+    #: when set (an `art_reat.distributed.BatchShard`), the batch given to `perturb` is the slice
+    #: ``[start, stop)`` of a batch of ``total`` samples: the random start is drawn for the whole batch
+    #: and sliced, so every sample starts where it would in the whole batch (several processes, or an
+    #: evaluation chunk split after an out-of-memory error)
+    shard = None
 
     def __init__(
         self,
@@ -147,18 +153,29 @@ class TensorPGD(ProjectedGradientDescentPyTorch):
         factor = (eps / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
         return (flat * factor).view_as(delta)
 
+    def batch_random(self, draw, shape, generator: Optional[torch.Generator], device, dtype) -> torch.Tensor:
+        """``draw(shape, generator=, device=, dtype=)`` (torch.rand / torch.randn) for a batch of
+        ``shape``; with `shard` set, drawn for the whole batch and sliced to this part of it."""
+        shard = self.shard
+        if shard is None or shard.is_whole:
+            return draw(tuple(shape), generator=generator, device=device, dtype=dtype)
+        if shard.size != shape[0]:
+            raise RuntimeError(f"the attack's shard holds {shard.size} samples, the batch {shape[0]}")
+        full = draw((shard.total,) + tuple(shape[1:]), generator=generator, device=device, dtype=dtype)
+        return full[shard.start:shard.stop]
+
     def _random_delta(self, x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
         eps = float(self.eps)
         if self.random_start == "none":
             return torch.zeros_like(x)
         if self.linf:
-            u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            u = self.batch_random(torch.rand, x.shape, generator, x.device, x.dtype)
             return eps * u if self.random_start == "one-sided" else eps * (2 * u - 1)
         # L2: a uniform point of the eps-ball (direction uniform on the sphere, radius eps * U^(1/d))
         d = x[0].numel()
-        direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        direction = self.batch_random(torch.randn, x.shape, generator, x.device, x.dtype)
         direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
-        radius = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype) ** (1.0 / d)
+        radius = self.batch_random(torch.rand, x.shape[:1], generator, x.device, x.dtype) ** (1.0 / d)
         return direction * (eps * radius).view(-1, *[1] * (x.dim() - 1))
 
     # --------------------------------------------------------------------------- tensor-native loop
@@ -203,7 +220,7 @@ class TensorPGD(ProjectedGradientDescentPyTorch):
             labels = np.argmax(y, axis=1) if np.ndim(y) == 2 else np.asarray(y)
         out = np.empty_like(x, dtype=np.float32)
         for start in range(0, len(x), self.batch_size):
-            xb = torch.as_tensor(x[start:start + self.batch_size], dtype=torch.float32, device=device)
-            yb = torch.as_tensor(labels[start:start + self.batch_size], dtype=torch.long, device=device)
+            xb = to_device(x[start:start + self.batch_size], device, torch.float32)
+            yb = to_device(labels[start:start + self.batch_size], device, torch.long)
             out[start:start + self.batch_size] = self.perturb(xb, yb).cpu().numpy()
         return out

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from art_reat.accel import to_device
 from art_reat.data.augment import build_augment_policy
 from art_reat.errors import UsageError
 
@@ -68,19 +69,17 @@ class DeviceLoader:
         if isinstance(x, np.ndarray):
             if x.dtype != np.uint8 or x.ndim != 4:
                 raise UsageError(f"x must be a uint8 NHWC array, got {x.dtype} {x.shape}")
-            xt = torch.from_numpy(np.ascontiguousarray(x)).to(self.device).permute(0, 3, 1, 2)
+            xt = to_device(x, self.device).permute(0, 3, 1, 2)  # one upload; pinned and non-blocking on CUDA
         elif isinstance(x, torch.Tensor):
             if x.dim() != 4 or not (x.dtype == torch.uint8 or x.is_floating_point()):
                 raise UsageError(f"x must be a uint8 or float NCHW tensor, got {x.dtype} {tuple(x.shape)}")
-            xt = x.to(self.device)
+            xt = to_device(x, self.device)
         else:
             raise UsageError(f"x must be a numpy array or a torch tensor, got {type(x).__name__}")
         # uint8 images are kept as bytes (4x less device memory) and scaled per batch
         self.is_uint8 = xt.dtype == torch.uint8
         self.x = xt.contiguous()
-        self.y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y).to(
-            self.device, torch.int64
-        )
+        self.y = to_device(np.asarray(y) if not isinstance(y, torch.Tensor) else y, self.device, torch.int64)
         if self.y.shape != (self.x.shape[0],):
             raise UsageError(f"x has {self.x.shape[0]} samples but y has shape {tuple(self.y.shape)}")
         self.batch_size = int(batch_size)

@@ -40,11 +40,24 @@ class TAILPyTorchClassifier(LongTailClassifier):
         self._omega_c = tail_class_weights(self.train_counts).to(self.device)  # float64: cast per use
         self._tail_mask = torch.zeros(nb_classes, dtype=torch.bool, device=self.device)
         self._tail_mask[self.tail_classes] = True
+        # several processes (set by the trainer): TAIL on the all-gathered global batch, as in one process
+        self.dist = None
+        self.batch_shard = None
+
+    def _global_batch(self, features: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Features and labels of the whole global batch when this process holds a slice of it
+        (the gather keeps the gradient of this rank's features); the inputs otherwise."""
+        if self.dist is None or self.batch_shard is None:
+            return features, y
+        from art_reat.distributed import gather_batch
+
+        return gather_batch(features, self.batch_shard, self.dist), gather_batch(y, self.batch_shard, self.dist)
 
     def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
         features, logits = self.model.forward_features(x)
         lt = self._loss(logits, y)
-        tail = tail_regularizer_core(features, y, self._omega_c, self._tail_mask, self.tail_mode, self.tail_weight)
+        features, labels = self._global_batch(features, y)
+        tail = tail_regularizer_core(features, labels, self._omega_c, self._tail_mask, self.tail_mode, self.tail_weight)
         return lt + tail, logits, {"lt": lt.detach(), "tail": tail.detach()}
 
     def fit(self, x: np.ndarray, y: np.ndarray, batch_size: int = 128, nb_epochs: int = 10,

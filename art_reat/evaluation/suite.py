@@ -4,6 +4,11 @@ Each attack runs chunk by chunk (one chunk = one attack batch). With a `state_di
 predictions of every finished chunk are saved at once, so an interrupted evaluation (AutoAttack
 takes hours on big models) resumes where it stopped; chunk c's random start is seeded with
 `seed + c`, so a resumed evaluation gives the same numbers as an uninterrupted one.
+
+Out of memory: a chunk that does not fit is evaluated in halves (then quarters, ... down to one
+sample), with a warning naming the `--batch-size` that fits; the smaller size is kept for the
+following chunks. A split chunk draws the random start of the whole chunk and slices it, so the
+numbers do not depend on the split. One sample that does not fit is a one-line error.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
@@ -18,7 +24,9 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from art_reat.accel import to_device
 from art_reat.attacks import ThreatModel, build_attack
+from art_reat.errors import ArtReatError
 from art_reat.evaluation.metrics import accuracy_report
 
 
@@ -58,9 +66,72 @@ class ChunkState:
 
 
 def _to_batch(x: np.ndarray, device: torch.device) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(x)).to(device)
+    t = to_device(x, device)  # pinned and non-blocking on CUDA
     # contiguous NCHW: pyautoattack `.view`s input gradients, which fails on permuted strides
     return (t.permute(0, 3, 1, 2).float().div_(255.0) if t.dtype == torch.uint8 else t.float()).contiguous()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A device (or host) out-of-memory error: ``torch.OutOfMemoryError`` or a RuntimeError saying so."""
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        phrase in text for phrase in ("out of memory", "not enough memory", "can't allocate memory"))
+
+
+def _release_memory(device: torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _predict_chunk(model, attack, x: np.ndarray, labels: torch.Tensor, start: int, stop: int, size: int,
+                   device, chunk_seed: int, name: str):
+    """Predictions for samples ``[start, stop)`` (one resumable chunk), in pieces of at most ``size``.
+
+    On out-of-memory the piece is halved and retried, down to one sample; the size that worked is
+    returned for the next chunks. Every piece of the chunk draws its random start from the chunk's
+    generator for the whole chunk (`TensorPGD.shard`), so the result does not depend on the split.
+    """
+    from art_reat.distributed import BatchShard
+
+    total = stop - start
+    preds = []
+    pos = start
+    while pos < stop:
+        take = min(size, stop - pos)
+        try:
+            xb = _to_batch(x[pos:pos + take], device)
+            yb = labels[pos:pos + take].to(device, non_blocking=True)
+            if attack is not None:
+                generator = torch.Generator(device=device).manual_seed(chunk_seed)
+                sharded = hasattr(attack, "shard")
+                if sharded:
+                    attack.shard = BatchShard(pos - start, pos - start + take, total)
+                try:
+                    xb = attack.perturb(xb, yb, generator=generator)
+                finally:
+                    if sharded:
+                        attack.shard = None
+            with torch.no_grad():
+                preds.append(model(xb).argmax(dim=1).cpu().numpy())
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            xb = yb = None
+            _release_memory(device)
+            option = "--aa-batch-size" if name == "aa" else "--batch-size"
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            if take <= 1:
+                raise ArtReatError(f"out of memory evaluating {name!r} even with {option} 1 ({first}): free device "
+                                   f"memory (other processes?) or use a device with more memory") from None
+            size = max(1, take // 2)
+            warnings.warn(f"out of memory evaluating {name!r} with {take} samples at a time: continuing with {size} "
+                          f"(give {option} {size} to start there)", RuntimeWarning, stacklevel=2)
+            continue
+        pos += take
+    return np.concatenate(preds), size
 
 
 def state_key(identity: Mapping[str, object], attack: str) -> str:
@@ -90,17 +161,14 @@ def run_suite(classifier, x: np.ndarray, y: np.ndarray, attacks: Sequence[str], 
                                                                seed=seed)
             chunk = aa_batch_size if name == "aa" else batch_size
             state = ChunkState(state_dir if name != "clean" else None, state_key(identity, name), len(y))
+            size = chunk  # what fits in memory: halved on out-of-memory, kept for the next chunks
             for index, start in enumerate(range(0, len(y), chunk)):
                 sl = slice(start, start + chunk)
                 if state.done(sl):
                     continue
-                xb = _to_batch(x[sl], device)
-                yb = labels[sl].to(device)
-                if attack is not None:
-                    generator = torch.Generator(device=device).manual_seed(seed + index)
-                    xb = attack.perturb(xb, yb, generator=generator)
-                with torch.no_grad():
-                    state.store(sl, model(xb).argmax(dim=1).cpu().numpy())
+                pred, size = _predict_chunk(model, attack, x, labels, start, min(start + chunk, len(y)), size,
+                                            device, seed + index, name)
+                state.store(sl, pred)
                 if on_chunk is not None:
                     on_chunk(name, min(start + chunk, len(y)), len(y))
             reports[name] = accuracy_report(torch.from_numpy(state.pred), labels, num_classes, groups)

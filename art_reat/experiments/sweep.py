@@ -21,20 +21,19 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from art_reat.config import TrainConfig
 from art_reat.errors import ArtReatError, UsageError
-from art_reat.tracking.mlflow_tracking import PARENT_RUN_TAG, RunLogger, resolve_tracking_uri, tracked_run
+from art_reat.tracking.mlflow_tracking import PARENT_RUN_TAG, resolve_tracking_uri, tracked_run
 
 KIND_TAG = "art_reat.kind"  # "sweep" on a parent run, "report" on a report run; absent on training runs
 SWEEP_HASH_TAG = "art_reat.sweep_hash"
 CONFIG_HASH_TAG = "art_reat.config_hash"
 INDEX_TAG = "art_reat.sweep_index"
 # Fields that say where a run goes, not what is trained: not part of a configuration's identity.
-LOCATION_FIELDS = ("experiment", "run_name", "tracking_uri", "output_dir", "download")
+LOCATION_FIELDS = ("experiment", "run_name", "tracking_uri", "output_dir", "download", "keep_last")
 
 
 def config_hash(config: TrainConfig) -> str:
@@ -114,7 +113,7 @@ class ChildOutcome:
     values: Dict[str, Any]
     config_hash: str
     run_id: Optional[str]
-    status: str  # "trained", "skipped" (finished before), "failed" or "pending" (not reached)
+    status: str  # "trained", "skipped" (finished before), "failed", "killed" or "pending" (not reached)
 
 
 @dataclass
@@ -171,22 +170,6 @@ def finished_children(client, experiment: str, parent_run_id: str) -> Dict[str, 
     return {r.data.tags[CONFIG_HASH_TAG]: r.info.run_id for r in runs if CONFIG_HASH_TAG in r.data.tags}
 
 
-@contextmanager
-def _reopened(client, run_id: str) -> Iterator[RunLogger]:
-    """An existing run set RUNNING again, and ended like `tracked_run` ends a run."""
-    client.update_run(run_id, status="RUNNING")
-    try:
-        yield RunLogger(client, run_id)
-    except KeyboardInterrupt:
-        client.set_terminated(run_id, "KILLED")
-        raise
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    else:
-        client.set_terminated(run_id, "FINISHED")
-
-
 def run_sweep(plan: SweepPlan, fresh: bool = False, progress: bool = False,
               on_child: Optional[Callable[[ChildOutcome, int], None]] = None) -> SweepResult:
     """Train the children of `plan` one after the other under one parent run (see the module doc).
@@ -206,11 +189,8 @@ def run_sweep(plan: SweepPlan, fresh: bool = False, progress: bool = False,
         raise ArtReatError(f"cannot read MLflow tracking store {resolve_tracking_uri(tracking_uri)!r}: "
                            f"{str(exc).splitlines()[0]}") from None
     resumed = parent_id is not None
-    if resumed:
-        context = _reopened(client, parent_id)
-    else:
-        context = tracked_run(tracking_uri, experiment, plan.base.get("run_name") or "sweep",
-                              {KIND_TAG: "sweep", SWEEP_HASH_TAG: sweep_hash})
+    context = tracked_run(tracking_uri, experiment, plan.base.get("run_name") or "sweep",
+                          {KIND_TAG: "sweep", SWEEP_HASH_TAG: sweep_hash}, run_id=parent_id)  # reopened if found
     outcomes = [ChildOutcome(i, values, config_hash(config), None, "pending")
                 for i, (values, config) in enumerate(plan.children)]
     with context as parent:
@@ -233,8 +213,8 @@ def run_sweep(plan: SweepPlan, fresh: bool = False, progress: bool = False,
                         result = training.train(config, progress=progress, parent_run_id=parent.run_id,
                                                 extra_tags={CONFIG_HASH_TAG: outcome.config_hash,
                                                             INDEX_TAG: outcome.index})
-                    except BaseException:
-                        outcome.status = "failed"
+                    except BaseException as exc:
+                        outcome.status = "killed" if isinstance(exc, KeyboardInterrupt) else "failed"
                         raise
                     outcome.run_id, outcome.status = result.run_id, "trained"
                 if on_child is not None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -62,10 +62,17 @@ def adv_pred_distribution_figure(counts: Mapping[str, np.ndarray], path, groups:
     """`counts[label]`: [epochs, C] numbers (or shares) of training AEs predicted as each class.
     One panel per label; a line per class (head solid, body dashed, tail dotted); the share of each
     class in the training set, when given, as grey ticks on the right."""
+    from matplotlib.ticker import MaxNLocator
+
     labels = list(counts)
-    fig = _figure(5.0 * max(len(labels), 1), 4.0)
-    axes = fig.subplots(1, max(len(labels), 1), squeeze=False)[0]
+    ncols = min(max(len(labels), 1), 3)
+    nrows = math.ceil(max(len(labels), 1) / ncols)
+    fig = _figure(5.0 * ncols, 3.8 * nrows)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[len(labels):]:
+        ax.set_visible(False)
     for ax, label in zip(axes, labels):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         data = np.asarray(counts[label], dtype=np.float64)
         if data.ndim != 2 or data.size == 0:
             continue
@@ -84,7 +91,8 @@ def adv_pred_distribution_figure(counts: Mapping[str, np.ndarray], path, groups:
         ax.set_xlabel("epoch")
         ax.set_ylabel("share of training AEs predicted as class")
     if labels:
-        axes[-1].legend(fontsize="x-small", ncol=2 if len(axes[-1].lines) > 12 else 1, loc="best")
+        last = axes[len(labels) - 1]
+        last.legend(fontsize="x-small", ncol=2 if len(last.lines) > 8 else 1, loc="best")
     return _save(fig, path)
 
 

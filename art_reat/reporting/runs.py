@@ -22,7 +22,7 @@ from art_reat.tracking.mlflow_tracking import PARENT_RUN_TAG, _param_str, resolv
 
 # Config fields that never define a group: the seed (averaged over) and what does not change training.
 NOT_GROUPED = ("seed", "run_name", "tracking_uri", "experiment", "output_dir", "download", "device", "data_dir",
-               "record_ae_distance")
+               "record_ae_distance", "keep_last")
 KEY_LABELS = {"method": "Method", "ur": "UR", "loss": "Loss", "dataset": "Dataset", "model": "Model"}
 
 

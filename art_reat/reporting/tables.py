@@ -73,14 +73,16 @@ def run_value(run: RunRecord, attack: str, group: Optional[str] = None) -> Optio
 
 
 def extra_attacks(runs: Sequence[RunRecord]) -> List[str]:
-    """Attacks evaluated on some run beyond the standard columns, in a stable order."""
-    found = set()
+    """Attacks evaluated on some run beyond the standard columns, in a stable order; when no run was
+    evaluated by `art-reat attack`, the training's own test PGD-N (e.g. PGD-10 of --eval-attack-steps 10)."""
+    evaluated, trained = set(), set()
     for run in runs:
         for key in run.metrics:
             if key.startswith("robust_acc/") and key.count("/") == 1:
-                found.add(key.split("/", 1)[1])
+                evaluated.add(key.split("/", 1)[1])
             elif match := re.fullmatch(r"test/(pgd\d+)_acc", key):  # training's own PGD-N (--eval-attack-steps)
-                found.add(match[1])
+                trained.add(match[1])
+    found = evaluated or trained  # training's PGD-N only when no run was evaluated with `art-reat attack`
     return sorted(found - set(STANDARD_ATTACKS), key=lambda n: (re.sub(r"\d+", "", n), len(n), n))
 
 

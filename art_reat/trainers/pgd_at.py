@@ -36,7 +36,9 @@ from art.defences.trainer.trainer import Trainer
 from art_reat.attacks import TensorPGD
 from art_reat.checkpoints import (capture_rng_state, derived_seed, restore_rng_state, rotate_epoch_checkpoints,
                                   seed_global_rngs, serialize, write_checkpoint)
-from art_reat.errors import TrainingInterrupted
+from art_reat.accel import full_precision, synchronized
+from art_reat.distributed import BatchShard, DistContext, agree_max, all_reduce_sum_
+from art_reat.errors import NonFiniteLoss, TrainingInterrupted
 from art_reat.evaluation import accuracy_report, predict_loader
 from art_reat.faults import check_finite, signal_name
 
@@ -87,6 +89,8 @@ class PGDATTrainer(AdversarialTrainerMadryPGD):
         self.batch_generator: Optional[torch.Generator] = None  # the training attack's random start
         self._partial: Optional[dict] = None  # a mid-epoch checkpoint's running state, until used
         self._pending_rng: Optional[dict] = None  # RNG states of a loaded checkpoint, restored by fit_loader
+        # several processes (torchrun; `art_reat.distributed`): set by `train()`, None in one process
+        self.dist: Optional[DistContext] = None
 
     # ----------------------------------------------------------------------------- hooks
     def build_attack(self, eps: float, eps_step: float, max_iter: int) -> TensorPGD:
@@ -124,6 +128,14 @@ class PGDATTrainer(AdversarialTrainerMadryPGD):
     def load_extra_state(self, state: dict) -> None:
         pass
 
+    def all_reduce_running_state(self) -> None:
+        """Several processes: sum the method's running per-epoch state over the ranks, before a
+        mid-epoch checkpoint is written by rank 0 (e.g. REAT's prediction counts)."""
+
+    def drop_running_state(self) -> None:
+        """Several processes, ranks other than 0, after a mid-epoch resume: the checkpoint's running
+        state is the sum over all ranks, which rank 0 carries on; the others start from zero."""
+
     # ----------------------------------------------------------------------------- ART interface
     def get_classifier(self):
         return self._classifier
@@ -158,11 +170,48 @@ class PGDATTrainer(AdversarialTrainerMadryPGD):
                 self._save_checkpoints(metrics)
                 for callback in self.callbacks:
                     callback(epoch, metrics)
-                if self.stop_signal is not None:  # arrived after the epoch's last batch: its checkpoint is written
+                if self._agreed_stop() is not None:  # arrived after the epoch's last batch: its checkpoint is written
                     raise self._interrupted(f"after epoch {epoch + 1}/{nb_epochs}")
         finally:
             self.accepting_stop = False
         return self.history
+
+    def _agreed_stop(self) -> Optional[int]:
+        """The stop request; with several processes, the one any rank received (all ranks agree)."""
+        if self.dist is None:
+            return self.stop_signal
+        agreed = agree_max([self.stop_signal or 0], self.dist, torch.device(self._classifier.device))[0]
+        if agreed and self.stop_signal is None:
+            self.stop_signal = agreed
+        return self.stop_signal
+
+    def _agree_on_batch(self, loss: torch.Tensor, terms: Dict[str, torch.Tensor], epoch: int, batch: int,
+                        nb_batches: Optional[int]) -> Optional[int]:
+        """Several processes, once per batch before the optimiser step: all ranks learn whether any
+        rank has a non-finite loss (then all stop with `NonFiniteLoss`) or a stop request (then all
+        stop after this batch). Returns the agreed stop signal (None: go on)."""
+        bad = 0
+        if self.check_finite:
+            values = torch.stack([loss.detach().float().sum()] +
+                                 [torch.as_tensor(v).detach().float().sum().to(loss.device) for v in terms.values()])
+            bad = int(not bool(torch.isfinite(values).all()))
+        any_bad, stop = agree_max([bad, self.stop_signal or 0], self.dist, loss.device)
+        if bad:
+            check_finite(loss, terms, epoch, batch, self.nb_epochs, nb_batches, self._kept_note)
+        if any_bad:
+            where = f"epoch {epoch + 1}/{self.nb_epochs}, batch {batch + 1}" + (f"/{nb_batches}" if nb_batches else "")
+            raise NonFiniteLoss(f"non-finite training loss on another process at {where}; training stopped before "
+                                f"the optimiser step{self._kept_note()}; try a smaller --lr")
+        if stop and self.stop_signal is None:
+            self.stop_signal = stop
+        return stop or None
+
+    def _set_shard(self, shard: Optional[BatchShard]) -> None:
+        """Tell the training attack (random start of the global batch) and the classifier (TAIL on the
+        gathered batch) which slice of the global batch this rank holds."""
+        if hasattr(self.attack, "shard"):
+            self.attack.shard = shard
+        self._classifier.batch_shard = shard
 
     def _interrupted(self, where: str) -> TrainingInterrupted:
         saved = f"checkpoint saved to {str(self.checkpoint_dir / 'last.pt')!r}" if self.checkpoint_dir else (
@@ -200,6 +249,7 @@ class PGDATTrainer(AdversarialTrainerMadryPGD):
         lr = optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
         device = self._classifier.device
+        dist = self.dist
         # running sums stay on the device: no host sync per batch
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         term_sums: Dict[str, torch.Tensor] = {}
@@ -214,36 +264,65 @@ class PGDATTrainer(AdversarialTrainerMadryPGD):
             correct = partial["correct"].to(device)
             adv_pred = partial["adv_pred"].to(device)
             term_sums = {k: v.to(device) for k, v in partial["term_sums"].items()}
+            if dist is not None and not dist.is_main:  # the saved sums are global: rank 0 carries them on
+                seen = 0
+                loss_sum, correct, adv_pred = loss_sum.zero_(), correct.zero_(), adv_pred.zero_()
+                term_sums = {k: v.zero_() for k, v in term_sums.items()}
+                self.drop_running_state()
         nb_batches = len(loader) if hasattr(loader, "__len__") else None
         batches = _progress(loader, f"epoch {epoch + 1}/{self.nb_epochs}", self.progress)
-        for batch, (x, y) in enumerate(batches):
-            if batch < skip:  # replay the loader (its shuffling and augmentation) up to the checkpoint
-                continue
-            self.batch_generator = self._batch_generator(epoch, batch)
-            x_adv = self.craft(x, y)
-            model.train()
-            loss, logits, terms = self.training_loss(x_adv, y)
-            if self.check_finite:
-                check_finite(loss, terms, epoch, batch, self.nb_epochs, nb_batches, self._kept_note)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            logits = logits.detach()
-            self.on_batch_end(x_adv, y, logits)
-            n = y.shape[0]
-            seen += n
-            loss_sum += loss.detach().double() * n
-            for name, value in terms.items():
-                term_sums[name] = term_sums.get(name, 0) + value.detach().double() * n
-            correct += (logits.argmax(dim=1) == y).sum()
-            adv_pred += torch.bincount(logits.argmax(dim=1), minlength=adv_pred.numel())[:adv_pred.numel()]
-            if self.stop_signal is not None and (nb_batches is None or batch + 1 < nb_batches):
-                self._save_partial({"epoch": epoch, "batch": batch + 1, "seen": seen, "lr": lr,
-                                    "loss_sum": loss_sum, "correct": correct, "adv_pred": adv_pred,
-                                    "term_sums": term_sums})
-                total = f"/{nb_batches}" if nb_batches else ""
-                raise self._interrupted(f"during epoch {epoch + 1}/{self.nb_epochs}, after batch {batch + 1}{total}")
+        try:
+            for batch, (x, y) in enumerate(batches):
+                if batch < skip:  # replay the loader (its shuffling and augmentation) up to the checkpoint
+                    continue
+                self.batch_generator = self._batch_generator(epoch, batch)
+                shard = getattr(loader, "current_shard", None) if dist is not None else None
+                if dist is not None:
+                    self._set_shard(shard)
+                x_adv = self.craft(x, y)
+                model.train()
+                with synchronized(model):  # several processes: DDP's forward, gradients all-reduced
+                    loss, logits, terms = self.training_loss(x_adv, y)
+                agreed = None
+                if dist is not None:
+                    agreed = self._agree_on_batch(loss, terms, epoch, batch, nb_batches)
+                elif self.check_finite:
+                    check_finite(loss, terms, epoch, batch, self.nb_epochs, nb_batches, self._kept_note)
+                optimizer.zero_grad(set_to_none=True)
+                if shard is not None and shard.size * dist.world_size != shard.total:
+                    # uneven slices: DDP averages over ranks; this makes it the global-batch mean
+                    (loss * (shard.size * dist.world_size / shard.total)).backward()
+                else:
+                    loss.backward()
+                optimizer.step()
+                logits = logits.detach()
+                self.on_batch_end(x_adv, y, logits)
+                n = y.shape[0]
+                seen += n
+                loss_sum += loss.detach().double() * n
+                for name, value in terms.items():
+                    term_sums[name] = term_sums.get(name, 0) + value.detach().double() * n
+                correct += (logits.argmax(dim=1) == y).sum()
+                adv_pred += torch.bincount(logits.argmax(dim=1), minlength=adv_pred.numel())[:adv_pred.numel()]
+                stop = agreed if dist is not None else self.stop_signal  # ranks stop at the same batch
+                if stop is not None and (nb_batches is None or batch + 1 < nb_batches):
+                    if dist is not None:  # rank 0 writes the global running state
+                        seen, loss_sum, correct, adv_pred, term_sums = _all_reduce_sums(
+                            dist, seen, loss_sum, correct, adv_pred, term_sums)
+                        self.all_reduce_running_state()
+                    if dist is None or dist.is_main:
+                        self._save_partial({"epoch": epoch, "batch": batch + 1, "seen": seen, "lr": lr,
+                                            "loss_sum": loss_sum, "correct": correct, "adv_pred": adv_pred,
+                                            "term_sums": term_sums})
+                    total = f"/{nb_batches}" if nb_batches else ""
+                    raise self._interrupted(f"during epoch {epoch + 1}/{self.nb_epochs}, after batch {batch + 1}{total}")
+        finally:
+            if dist is not None:
+                self._set_shard(None)
         self.batch_generator = None
+        if dist is not None:  # the epoch's sums and counts over all ranks
+            seen, loss_sum, correct, adv_pred, term_sums = _all_reduce_sums(
+                dist, seen, loss_sum, correct, adv_pred, term_sums)
         if self.scheduler is not None:
             self.scheduler.step()
         metrics = {
@@ -258,8 +337,9 @@ class PGDATTrainer(AdversarialTrainerMadryPGD):
 
     def validate(self, loader) -> Dict[str, float]:
         model = self._classifier.model
-        clean_pred, labels = predict_loader(model, loader)
-        robust_pred, _ = predict_loader(model, loader, attack=self.eval_attack)
+        with full_precision(model):  # --amp trains in bf16; accuracies are measured in float32
+            clean_pred, labels = predict_loader(model, loader)
+            robust_pred, _ = predict_loader(model, loader, attack=self.eval_attack)
         steps = self.eval_attack.max_iter
         return {"val/clean_acc": accuracy_report(clean_pred, labels, self._classifier.nb_classes)["overall"],
                 f"val/pgd{steps}_acc": accuracy_report(robust_pred, labels, self._classifier.nb_classes)["overall"]}
@@ -363,6 +443,25 @@ def save_atomic(obj: dict, path: Path) -> None:
         if tmp.exists():
             tmp.unlink()
         raise
+
+
+def _all_reduce_sums(dist, seen: int, loss_sum: torch.Tensor, correct: torch.Tensor, adv_pred: torch.Tensor,
+                     term_sums: Dict[str, torch.Tensor]):
+    """The epoch's running sums and counts summed over the ranks (one float64 all-reduce; counts are
+    exact below 2**53). Every rank has the same loss terms, reduced in sorted order."""
+    names = sorted(term_sums)
+    device = loss_sum.device
+    packed = torch.cat([loss_sum.double().view(1), correct.double().view(1),
+                        torch.tensor([float(seen)], dtype=torch.float64, device=device), adv_pred.double().view(-1)]
+                       + [torch.as_tensor(term_sums[n], dtype=torch.float64, device=device).view(1) for n in names])
+    all_reduce_sum_(packed, dist)
+    k = adv_pred.numel()
+    loss_sum = packed[0].clone()
+    correct = packed[1].round().long()
+    seen = int(round(float(packed[2])))
+    adv_pred = packed[3:3 + k].round().long()
+    term_sums = {n: packed[3 + k + i].clone() for i, n in enumerate(names)}
+    return seen, loss_sum, correct, adv_pred, term_sums
 
 
 def _labels(y: np.ndarray) -> np.ndarray:

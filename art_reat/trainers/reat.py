@@ -13,6 +13,7 @@ from typing import Dict, List
 import torch
 
 from art_reat.attacks import RebalancedPGD
+from art_reat.distributed import all_reduce_sum_
 from art_reat.trainers.pgd_at import PGDATTrainer
 
 
@@ -39,6 +40,7 @@ class REATTrainer(PGDATTrainer):
         self.adv_pred_counts.scatter_add_(0, pred, torch.ones_like(pred))
 
     def on_epoch_end(self, epoch: int) -> Dict[str, float]:
+        all_reduce_sum_(self.adv_pred_counts, self.dist)  # several processes: the counts of the global batches
         counts = self.adv_pred_counts.cpu()
         weights_used = self.attack.class_weights.cpu()
         self.attack.update_counts(counts)
@@ -55,6 +57,12 @@ class REATTrainer(PGDATTrainer):
         # the running counts matter for a mid-epoch (interrupt) checkpoint, where the epoch goes on
         return {"class_weights": self.attack.class_weights.cpu(), "adv_pred_history": self.adv_pred_history,
                 "adv_pred_counts": self.adv_pred_counts.cpu()}
+
+    def all_reduce_running_state(self) -> None:
+        all_reduce_sum_(self.adv_pred_counts, self.dist)
+
+    def drop_running_state(self) -> None:
+        self.adv_pred_counts.zero_()
 
     def load_extra_state(self, state: dict) -> None:
         if "class_weights" in state:

@@ -54,7 +54,7 @@ class NormalStartPGD(TensorPGD):
 
     def _random_delta(self, x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
         if self.random_start == "normal":
-            return NORMAL_START_STD * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            return NORMAL_START_STD * self.batch_random(torch.randn, x.shape, generator, x.device, x.dtype)
         return super()._random_delta(x, generator)
 
 
