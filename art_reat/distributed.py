@@ -199,9 +199,11 @@ def all_reduce_sum_(tensor: torch.Tensor, ctx: Optional[DistContext]) -> torch.T
     return tensor
 
 
-def agree_max(values: Sequence[int], ctx: Optional[DistContext], device: torch.device) -> List[int]:
-    """Element-wise maximum of small integer flags over the ranks (one all-reduce, one host sync)."""
-    flags = torch.tensor([int(v) for v in values], dtype=torch.int64, device=device)
+def agree_max(values: Sequence, ctx: Optional[DistContext], device: torch.device) -> List[int]:
+    """Element-wise maximum of small integer flags (ints or 0-d tensors on ``device``) over the ranks:
+    one all-reduce and one host sync (no host-to-device copy)."""
+    flags = torch.stack([v.reshape(()).to(torch.int64) if isinstance(v, torch.Tensor)
+                         else torch.full((), int(v), dtype=torch.int64, device=device) for v in values])
     if is_active(ctx):
         import torch.distributed as dist
 

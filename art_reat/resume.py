@@ -9,7 +9,8 @@ store (a checkpoint copied elsewhere), a new run is started with the checkpoint'
 
 A resumed run keeps its saved configuration. Only the options in `RESUME_CHANGEABLE` (where the
 run's files are and how long it trains: --epochs, --tracking-uri, --output-dir, --data-dir,
---download, --device, --keep-last) may differ; any other option given with --resume must equal the
+--download, --device, --keep-last, and the speed options --channels-last and --compile, which change
+float rounding at most) may differ; any other option given with --resume must equal the
 saved value, else it is an error (exit 2): silently training the rest of a run with another
 learning rate would make its numbers meaningless.
 """
@@ -27,7 +28,8 @@ from art_reat.errors import ArtReatError, DataError, UsageError
 
 #: the options a resumed run may change (they do not change what is computed, except --epochs,
 #: which only extends or shortens the loop; the LR milestones stay as they are)
-RESUME_CHANGEABLE = ("epochs", "tracking_uri", "output_dir", "data_dir", "download", "device", "keep_last")
+RESUME_CHANGEABLE = ("epochs", "tracking_uri", "output_dir", "data_dir", "download", "device", "keep_last",
+                     "channels_last", "compile")
 
 
 @dataclass

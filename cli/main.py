@@ -26,7 +26,8 @@ def main() -> None:
               help="Continue an interrupted run (or train a finished one longer with a larger --epochs): its "
                    "MLflow run id, a checkpoint file (last.pt) or a run's checkpoint folder. The run's saved "
                    "configuration is used; only --epochs, --tracking-uri, --output-dir, --data-dir, --download, "
-                   "--device and --keep-last may be given besides (other options must equal the saved values).")
+                   "--device, --keep-last, --channels-last and --compile may be given besides (other options must equal "
+                   "the saved values).")
 @reports_errors("Interrupted: the MLflow run was marked KILLED.")
 def train(config_file: Optional[str], resume: Optional[str], **options: Any) -> None:
     """Adversarially train a model on a long-tailed dataset and track it in MLflow.

@@ -101,7 +101,8 @@ def train_options(repeatable: bool = False) -> Callable[[Callable], Callable]:
         option("--compile/--no-compile", default=None, help="torch.compile the forward pass of training and of the "
                "training attack (the first batches are slow while it compiles). [off]"),
         option("--seed", type=int, help="Seed of the LT subset, splits, init and augmentation. [0]"),
-        option("--device", help="auto, cpu or cuda[:N]. [auto]"),
+        option("--device", help="auto, cpu or cuda[:N]; under torchrun each process uses cuda:LOCAL_RANK (auto or "
+               "cuda) or the CPU. [auto]"),
         option("--train-subset", type=int, help="Stratified subset of the training set (smoke runs)."),
         option("--eval-samples", type=int, help="Stratified test subset for the final report. [all]"),
         option("--val-fraction", type=float, help="Per-class held-out fraction for checkpoint selection. [0.05]"),

@@ -27,8 +27,13 @@ def sweep(config_file: Optional[str], fresh: bool, dry_run: bool, **options: Any
     again with the same options resumes: children that already FINISHED are skipped.
     """
     from art_reat.config import read_config_file
+    from art_reat.distributed import torchrun_env
+    from art_reat.errors import UsageError
     from art_reat.experiments import plan_sweep, run_sweep
 
+    if torchrun_env() is not None:  # every rank would open its own parent run
+        raise UsageError("a sweep runs in one process: under torchrun, train each configuration with "
+                         "`torchrun ... --no-python art-reat train ...`")
     base: Dict[str, Any] = read_config_file(config_file) if config_file else {}
     axes: Dict[str, List[Any]] = {}
     for name, value in options.items():

@@ -18,6 +18,15 @@ raises `TrainingInterrupted`; resuming from it replays the epoch's loader positi
 with the next batch. On such a mid-epoch resume `on_epoch_start` is not called again: what it sets
 must be carried by `extra_state`. A NaN / inf loss stops training before the optimiser step
 (`NonFiniteLoss`) and leaves the last checkpoint as it was.
+
+Speed and several processes (issue 6; `art_reat.accel`, `art_reat.distributed`): with the classifier's
+model wrapped by `art_reat.accel.accelerate`, the training forward runs inside `synchronized(model)`
+(DDP under torchrun). With ``dist`` set, the loader is a `ShardedLoader`: the trainer hands the batch's
+`BatchShard` to the attack (random start of the global batch) and to the classifier (TAIL on the
+gathered batch), rescales the loss of uneven slices, agrees with the other ranks once per batch on a
+stop request or a non-finite loss, and all-reduces the epoch's sums and counts; the method's own
+running state is summed by `all_reduce_running_state` before a mid-epoch checkpoint (written by rank
+0) and dropped by `drop_running_state` on the other ranks when such a checkpoint is resumed.
 """
 
 from __future__ import annotations
@@ -191,14 +200,13 @@ class PGDATTrainer(AdversarialTrainerMadryPGD):
         rank has a non-finite loss (then all stop with `NonFiniteLoss`) or a stop request (then all
         stop after this batch). Returns the agreed stop signal (None: go on)."""
         bad = 0
-        if self.check_finite:
+        if self.check_finite:  # on the device: the all-reduce below is the batch's only host sync
             values = torch.stack([loss.detach().float().sum()] +
                                  [torch.as_tensor(v).detach().float().sum().to(loss.device) for v in terms.values()])
-            bad = int(not bool(torch.isfinite(values).all()))
+            bad = ~torch.isfinite(values).all()
         any_bad, stop = agree_max([bad, self.stop_signal or 0], self.dist, loss.device)
-        if bad:
-            check_finite(loss, terms, epoch, batch, self.nb_epochs, nb_batches, self._kept_note)
         if any_bad:
+            check_finite(loss, terms, epoch, batch, self.nb_epochs, nb_batches, self._kept_note)  # raises if here
             where = f"epoch {epoch + 1}/{self.nb_epochs}, batch {batch + 1}" + (f"/{nb_batches}" if nb_batches else "")
             raise NonFiniteLoss(f"non-finite training loss on another process at {where}; training stopped before "
                                 f"the optimiser step{self._kept_note()}; try a smaller --lr")
@@ -216,6 +224,8 @@ class PGDATTrainer(AdversarialTrainerMadryPGD):
     def _interrupted(self, where: str) -> TrainingInterrupted:
         saved = f"checkpoint saved to {str(self.checkpoint_dir / 'last.pt')!r}" if self.checkpoint_dir else (
             "no checkpoint folder: call state_dict() to keep the state")
+        if self.dist is not None and not self.dist.is_main:
+            saved = f"rank {self.dist.rank} stopped with the others (rank 0 writes the checkpoint)"
         return TrainingInterrupted(f"{signal_name(self.stop_signal)} {where}: {saved}", self.stop_signal)
 
     def _begin_epoch(self, epoch: int) -> Optional[dict]:

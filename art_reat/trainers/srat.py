@@ -35,6 +35,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from art_reat.distributed import gather_batch
 from art_reat.errors import UsageError
 from art_reat.losses import DRW_REDUCTIONS, class_balanced_weights, drw_reduce, supcon_separation_loss
 from art_reat.losses.longtail import LongTailLoss
@@ -127,7 +128,11 @@ class SRATTrainer(PGDATTrainer):
         features, logits = self._classifier.model.forward_features(x_adv)
         base = self.base_loss(logits, y)
         if self.sep_weight > 0:
-            sep = self.sep_weight * supcon_separation_loss(features, y, self.temperature)
+            # several processes: the separation loss couples the samples, so it is computed on the
+            # all-gathered global batch (as in one process)
+            shard = getattr(self._classifier, "batch_shard", None)
+            all_features, all_y = gather_batch(features, shard, self.dist), gather_batch(y, shard, self.dist)
+            sep = self.sep_weight * supcon_separation_loss(all_features, all_y, self.temperature)
         else:
             sep = torch.zeros((), device=logits.device, dtype=logits.dtype)
         return base + sep, logits, {"lt": base.detach(), "sep": sep.detach()}
