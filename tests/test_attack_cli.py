@@ -30,12 +30,8 @@ EPS = 8 / 255
 GROUPS = ("head", "body", "tail")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# one torch thread for the module (tests/conftest.py): small ops on 2 busy cores run far faster
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------- the trained run

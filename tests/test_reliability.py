@@ -41,12 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 # ----------------------------------------------------------------------------- fixtures and helpers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# one torch thread for the module (tests/conftest.py): small ops on 2 busy cores run far faster
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_npz(folder: Path, counts=COUNTS, test_per_class: int = 4, seed: int = 0) -> Path:

@@ -37,12 +37,8 @@ C = 4
 SIZE = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# one torch thread for the module (tests/conftest.py): small ops on 2 busy cores run far faster
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def data(n: int = 24, seed: int = 0):
