@@ -187,6 +187,15 @@ def accelerate(classifier, *, amp: bool = False, channels_last: bool = False, co
     return wrapper
 
 
+def release_distributed(model: nn.Module) -> None:
+    """Drop the DDP wrapper of ``model`` (training is over, or stopped). DDP's reducer holds the
+    process group; freed here, before the group is destroyed, rather than by the garbage collector
+    at interpreter exit (a traceback's reference cycle can keep it that long), where tearing down
+    gloo's threads aborts the process (SIGABRT)."""
+    if isinstance(model, AcceleratedModel):
+        object.__setattr__(model, "_synced", None)
+
+
 def synchronized(model: nn.Module):
     """Context in which ``model``'s forward passes synchronise gradients (DDP); else a no-op."""
     return model.synchronized() if isinstance(model, AcceleratedModel) else nullcontext()

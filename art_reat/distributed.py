@@ -29,14 +29,15 @@ How a distributed run equals the single-process run (the global batch is ``--bat
 
 Ranks agree once per batch (one tiny all-reduce) on a stop request (SIGINT / SIGTERM reach the
 ranks at different times) and on a non-finite loss, so that every rank stops at the same batch
-and none waits forever in a collective. At the end all ranks meet at a barrier before the process
-group is destroyed; after an error the group is destroyed without a barrier (torchrun stops the
-other ranks).
+and none waits forever in a collective. At the end, and after such an agreed stop, all ranks meet at a
+barrier before the process group is destroyed (`end`); after an error on one rank only the group is
+destroyed without a barrier (torchrun stops the other ranks).
 """
 
 from __future__ import annotations
 
 import datetime
+import gc
 import inspect
 import os
 import warnings
@@ -60,6 +61,9 @@ class DistContext:
     device: torch.device
     backend: str
     owned: bool = True  # this package initialised the process group (and destroys it)
+    #: set when the ranks agreed to stop at the same point (a stop request, a non-finite loss on any
+    #: rank): every rank is alive and raising, so they can still meet at a barrier before tearing down
+    stopped_together: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -165,6 +169,24 @@ def finish(ctx: Optional[DistContext]) -> None:
     abort(ctx)
 
 
+def end(ctx: Optional[DistContext]) -> None:
+    """End after training stopped, normally or not: a barrier first when every rank is known to be
+    alive and ending (`DistContext.stopped_together`), else straight to `abort`.
+
+    Without the barrier a rank that stopped early closes its connections while the others are still
+    writing the checkpoint and marking the run; gloo then sees the peer vanish under a live process
+    group and aborts the process (SIGABRT). After an error on one rank only there is no barrier: the
+    others may never reach it (torchrun stops them)."""
+    if ctx is None:
+        return
+    if ctx.stopped_together:
+        try:
+            ctx.barrier()
+        except Exception:  # a peer died after all: nothing left to wait for
+            pass
+    abort(ctx)
+
+
 def abort(ctx: Optional[DistContext]) -> None:
     """End after an error (or after `finish`'s barrier): destroy the process group, no barrier."""
     if ctx is None or not ctx.owned:
@@ -172,6 +194,7 @@ def abort(ctx: Optional[DistContext]) -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
+        gc.collect()  # unreachable DDP wrappers and their reducers go before the group they hold
         try:
             dist.destroy_process_group()
         except Exception:  # a peer that died already: nothing left to tear down cleanly
@@ -302,4 +325,4 @@ class ShardedLoader:
 
 
 __all__ = ["BatchShard", "DistContext", "ShardedLoader", "abort", "agree_max", "all_reduce_sum_", "backend_for",
-           "finish", "gather_batch", "is_active", "rank_device", "setup", "shard_of", "shard_sizes", "torchrun_env"]
+           "end", "finish", "gather_batch", "is_active", "rank_device", "setup", "shard_of", "shard_sizes", "torchrun_env"]

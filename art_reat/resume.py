@@ -29,7 +29,7 @@ from art_reat.errors import ArtReatError, DataError, UsageError
 #: the options a resumed run may change (they do not change what is computed, except --epochs,
 #: which only extends or shortens the loop; the LR milestones stay as they are)
 RESUME_CHANGEABLE = ("epochs", "tracking_uri", "output_dir", "data_dir", "download", "device", "keep_last",
-                     "channels_last", "compile")
+                     "channels_last", "compile", "attack_chunk")
 
 
 @dataclass

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from art_reat import distributed
-from art_reat.accel import accelerate, full_precision
+from art_reat.accel import accelerate, full_precision, release_distributed
 from art_reat.attacks import TensorPGD
 from art_reat.config import TrainConfig
 from art_reat.data import (DATASETS, DeviceLoader, class_groups, load_dataset, proportional_subset, stratified_split,
@@ -176,8 +176,9 @@ def train(config: TrainConfig, progress: bool = False, parent_run_id: Optional[s
     try:
         return _train(config, progress, parent_run_id, extra_tags, resume, dist_ctx)
     finally:
-        # the normal end met at a barrier (`distributed.finish`) already; after an error: no barrier
-        distributed.abort(dist_ctx)
+        # the normal end met at a barrier (`distributed.finish`) already; an agreed stop meets at one
+        # here; after an error on one rank: no barrier
+        distributed.end(dist_ctx)
 
 
 def _train(config: TrainConfig, progress: bool, parent_run_id: Optional[str], extra_tags: Optional[Dict[str, object]],
@@ -293,7 +294,10 @@ def _train_in_run(config: TrainConfig, data: PreparedData, parts: MethodParts, s
     val_loader = (DeviceLoader(data.x_val, data.y_val, config.batch_size, device) if len(data.y_val) and main
                   else None)
     guard.trainer = trainer  # from here on SIGINT / SIGTERM stop at the end of a batch, with a checkpoint
-    history = trainer.fit_loader(train_loader, val_loader, nb_epochs=config.epochs)
+    try:
+        history = trainer.fit_loader(train_loader, val_loader, nb_epochs=config.epochs)
+    finally:
+        release_distributed(classifier.model)  # DDP goes before its process group (see accel.py)
     distributed.finish(dist_ctx)  # all ranks are done training; the final test is rank 0's alone
     if not main:
         return TrainResult(None, config, history, {}, None)

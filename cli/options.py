@@ -14,7 +14,8 @@ import click
 
 # Options that say where runs go (or how data are fetched), not what is trained: given once to a sweep.
 SINGLE_VALUED = ("--config", "--download/--no-download", "--experiment", "--run-name", "--tracking-uri", "--output-dir",
-                 "--keep-last", "--amp/--no-amp", "--channels-last/--no-channels-last", "--compile/--no-compile")
+                 "--keep-last", "--amp/--no-amp", "--channels-last/--no-channels-last", "--compile/--no-compile",
+                 "--attack-chunk")
 
 
 def _parse_milestones(value: str):
@@ -98,6 +99,9 @@ def train_options(repeatable: bool = False) -> Callable[[Callable], Callable]:
                "attack (losses in float32; validation and test in float32). CUDA and CPU. [off]"),
         option("--channels-last/--no-channels-last", default=None, help="Model and input batches in channels-last "
                "memory format (faster convolutions on GPUs). [off]"),
+        option("--attack-chunk", type=int, help="Rows per forward/backward pass of the attacks' input gradient "
+               "(speed only: the same AEs up to float rounding; eval-mode attacks). 0: the whole batch. "
+               "[auto: 32 on the CPU, the whole batch on CUDA]"),
         option("--compile/--no-compile", default=None, help="torch.compile the forward pass of training and of the "
                "training attack (the first batches are slow while it compiles). [off]"),
         option("--seed", type=int, help="Seed of the LT subset, splits, init and augmentation. [0]"),

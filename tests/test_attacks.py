@@ -385,6 +385,7 @@ def test_generate_accepts_one_hot_labels():
 BAD_PGD_PARAMS = [
     dict(eps=0.0), dict(eps=2.0), dict(eps=-0.1), dict(eps_step=0.0), dict(max_iter=0), dict(max_iter=2.5),
     dict(norm=1), dict(norm="fro"), dict(random_start="gaussian"), dict(model_mode="test"),
+    dict(gradient_chunk=-1), dict(gradient_chunk=2.5), dict(gradient_chunk=True),
 ]
 PARAM_IDS = [",".join(f"{k}={v}" for k, v in kw.items()) for kw in BAD_PGD_PARAMS]
 
@@ -617,3 +618,94 @@ def test_set_class_weights_rejects_bad_weights(weights):
     with pytest.raises(UsageError):
         attack.set_class_weights(weights)
     assert torch.equal(attack.class_weights, before)
+
+
+# --------------------------------------------------------------------------- gradient chunks (speed only)
+
+
+class CountingNet(nn.Module):
+    """Counts forward calls and the rows of each."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.rows: list = []
+
+    def forward(self, x):
+        self.rows.append(x.shape[0])
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5, 13, 40])
+def test_chunked_gradient_gives_the_same_examples_in_eval_mode(chunk):
+    """Eval mode (BatchNorm running statistics): each sample's gradient of the summed loss is its own,
+    so any chunking gives the whole-batch examples (float64: no rounding left to flip a sign)."""
+    model = small_cnn().double()
+    x, y = data(n=13)
+    x = torch.tensor(x, dtype=torch.float64)
+    y = torch.tensor(y)
+    whole = TensorPGD(classifier(model), max_iter=4, gradient_chunk=0)
+    chunked = TensorPGD(classifier(model), max_iter=4, gradient_chunk=chunk)
+    a = whole.perturb(x, y, generator=torch.Generator().manual_seed(1))
+    b = chunked.perturb(x, y, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+    grad_whole = whole.input_gradient(x, y)
+    grad_chunked = chunked.input_gradient(x, y)
+    torch.testing.assert_close(grad_chunked, grad_whole, rtol=1e-10, atol=1e-14)
+
+
+def test_chunks_are_the_forward_passes_of_an_eval_mode_attack():
+    net = CountingNet(small_cnn())
+    attack = TensorPGD(classifier(net), max_iter=2, gradient_chunk=5)
+    x, y = data(n=13)
+    attack.perturb(torch.tensor(x), torch.tensor(y))
+    assert net.rows == [5, 5, 3] * 2
+
+
+def test_train_mode_attacks_are_never_chunked():
+    """BatchNorm batch statistics couple the samples in train mode: chunking would change the
+    examples, so a train-mode attack takes the whole batch in one pass whatever the chunk."""
+    torch.manual_seed(0)
+    x, y = data(n=13)
+    x, y = torch.tensor(x, dtype=torch.float64), torch.tensor(y)
+    results = []
+    for chunk in (0, 4):
+        net = CountingNet(small_cnn().double())
+        attack = TensorPGD(classifier(net), max_iter=2, model_mode="train", gradient_chunk=chunk)
+        results.append(attack.perturb(x, y, generator=torch.Generator().manual_seed(3)))
+        assert net.rows == [13, 13]
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+    # and the reason: with batch statistics, the gradient of a chunk is not the whole batch's rows
+    model = small_cnn().double().train()
+    xr = x.clone().requires_grad_(True)
+    (g_whole,) = torch.autograd.grad(F.cross_entropy(model(xr), y, reduction="sum"), xr)
+    xc = x[:4].clone().requires_grad_(True)
+    (g_chunk,) = torch.autograd.grad(F.cross_entropy(model(xc), y[:4], reduction="sum"), xc)
+    assert not torch.allclose(g_chunk, g_whole[:4])
+
+
+def test_auto_chunk_is_32_rows_on_the_cpu_and_the_whole_batch_on_cuda():
+    from art_reat.attacks.pgd import CPU_GRADIENT_CHUNK, auto_gradient_chunk
+
+    assert auto_gradient_chunk(torch.device("cpu")) == CPU_GRADIENT_CHUNK == 32
+    assert auto_gradient_chunk(torch.device("cuda", 0)) == 0
+    attack = TensorPGD(classifier(small_cnn()))
+    assert attack.gradient_chunk is None and attack.chunk_rows == 32
+    attack.estimator.model.train()
+    assert attack.chunk_rows == 0
+
+
+def test_trades_attack_chunks_its_natural_distribution_with_the_rows():
+    """TRADES's attack loss holds per-sample state (the natural distribution): each chunk must
+    see its own rows of it."""
+    from art_reat.trainers.trades import TradesKLPGD
+
+    model = small_cnn().double()
+    x, y = data(n=13)
+    x, y = torch.tensor(x, dtype=torch.float64), torch.tensor(y)
+    whole = TradesKLPGD(classifier(model), max_iter=3, gradient_chunk=0)
+    chunked = TradesKLPGD(classifier(model), max_iter=3, gradient_chunk=4)
+    a = whole.perturb(x, y, generator=torch.Generator().manual_seed(2))
+    b = chunked.perturb(x, y, generator=torch.Generator().manual_seed(2))
+    assert not torch.equal(a, x)
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-12)

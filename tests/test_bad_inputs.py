@@ -245,6 +245,7 @@ ROWS: List[Row] = [
     ("unknown-dataset", "train", {"dataset": "cifar11lt"}, 2, r"cifar11lt"),
     ("unknown-loss", "train", {"loss": "hinge-x"}, 2, r"hinge-x"),
     ("keep-last-negative", "train", {"keep_last": -1}, 2, r"keep.last\W+-1\b"),
+    ("attack-chunk-negative", "train", {"attack_chunk": -2}, 2, r"attack.chunk\W+-2\b.*>= 0"),
     # a user's npz data
     ("npz-labels-out-of-range", "train", {"data_dir": "{data:labels-out-of-range}"}, 2,
      r"labels-out-of-range/test\.npz.*labels must lie in \[0, 4\).*7"),

@@ -304,9 +304,6 @@ def test_torchrun_cli_two_processes(tmp_path):
     assert (tmp_path / "out" / runs[0].info.run_id / "best.pt").is_file()
 
 
-@pytest.mark.skip(reason="known bug (issue 6, open): after a fault on one rank (NaN loss or SIGTERM), a rank "
-                         "intermittently dies with SIGABRT (gloo teardown race); skipped so that CI stays "
-                         "deterministic until it is fixed")
 @pytest.mark.parametrize("fault", ["nan", "stop"])
 def test_a_fault_on_one_rank_stops_every_rank_at_the_same_batch(tmp_path, fault):
     """A NaN loss or a SIGTERM on rank 1 only: both ranks stop after the same batch (no rank waits

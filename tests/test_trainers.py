@@ -317,6 +317,14 @@ def pgd_trainer(seed=0, random_start="uniform", attack_steps=1, scheduler=True, 
     return PGDATTrainer(clf, attack=attack, batch_size=16, scheduler=sched, **kwargs)
 
 
+def test_attack_chunk_reaches_the_training_and_validation_attacks():
+    clf = make_classifier(0)
+    assert PGDATTrainer(clf, batch_size=16).attack.gradient_chunk is None  # the attacks' "auto"
+    trainer = PGDATTrainer(clf, batch_size=16, attack_chunk=5)
+    assert trainer.attack.gradient_chunk == trainer.eval_attack.gradient_chunk == 5
+    assert PGDATTrainer(clf, batch_size=16, attack_chunk=0).attack.chunk_rows == 0
+
+
 @pytest.mark.parametrize("batch_size", [16, 8])
 def test_scheduler_is_stepped_once_per_epoch(batch_size):
     x, y = dataset()

@@ -24,6 +24,17 @@ from art_reat.errors import UsageError
 
 RANDOM_STARTS = ("uniform", "one-sided", "none")
 
+#: rows per input-gradient pass on the CPU when `gradient_chunk` is left to "auto" (None). Measured
+#: (benchmarks/results/throughput.md): a ResNet-18 PGD step on 128 images costs about 1.45x more as
+#: one pass than as four passes of 32 on a 2-core CPU (activations of 32 images stay in cache);
+#: on CUDA one large pass is fastest, so "auto" keeps the whole batch there.
+CPU_GRADIENT_CHUNK = 32
+
+
+def auto_gradient_chunk(device) -> int:
+    """The "auto" `gradient_chunk` for a device: `CPU_GRADIENT_CHUNK` on the CPU, 0 (whole batch) elsewhere."""
+    return CPU_GRADIENT_CHUNK if torch.device(device).type == "cpu" else 0
+
 
 @contextmanager
 def frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
@@ -46,9 +57,14 @@ class TensorPGD(ProjectedGradientDescentPyTorch):
         REAT code), "one-sided" (x + eps * U[0, 1), RoBal's training attack) or "none".
     :param model_mode: "eval" (BatchNorm statistics frozen during the attack, as in the REAT code)
         or "train".
+    :param gradient_chunk: rows per forward/backward pass of the input gradient (0: the whole batch;
+        None: "auto", `auto_gradient_chunk` of the estimator's device). Only used while the model is
+        in eval mode, where every sample's logits, and so its gradient of the summed attack loss, do
+        not depend on the other samples: the adversarial examples are the same (up to float rounding)
+        whatever the chunk. In train mode (BatchNorm batch statistics) the whole batch is one pass.
     """
 
-    attack_params = ProjectedGradientDescentPyTorch.attack_params + ["random_start", "model_mode"]
+    attack_params = ProjectedGradientDescentPyTorch.attack_params + ["random_start", "model_mode", "gradient_chunk"]
     #: when set (an `art_reat.distributed.BatchShard`), the batch given to `perturb` is the slice
     #: ``[start, stop)`` of a batch of ``total`` samples: the random start is drawn for the whole batch
     #: and sliced, so every sample starts where it would in the whole batch (several processes, or an
@@ -67,9 +83,14 @@ class TensorPGD(ProjectedGradientDescentPyTorch):
         model_mode: str = "eval",
         batch_size: int = 128,
         verbose: bool = False,
+        gradient_chunk: Optional[int] = None,
     ) -> None:
         self.random_start = random_start
         self.model_mode = model_mode
+        self.gradient_chunk = gradient_chunk
+        #: the rows of the current batch that `attack_loss` sees (a slice while the gradient is chunked):
+        #: attacks with per-sample state (e.g. TRADES's natural distribution) index it with this
+        self.rows = slice(None)
         self.norm, self.eps, self.eps_step, self.max_iter = norm, eps, eps_step, max_iter
         # one-line UsageErrors before ART's own checks (which raise bare ValueErrors)
         self._check_own_params()
@@ -107,6 +128,10 @@ class TensorPGD(ProjectedGradientDescentPyTorch):
             raise UsageError(f"invalid random start {self.random_start!r}: must be one of {', '.join(RANDOM_STARTS)}")
         if self.model_mode not in ("eval", "train"):
             raise UsageError(f"invalid model mode {self.model_mode!r}: must be eval or train")
+        chunk = self.gradient_chunk
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 0):
+            raise UsageError(f"invalid gradient chunk {chunk!r}: must be an integer >= 0 (0: the whole batch) "
+                             f"or None (auto)")
 
     @property
     def linf(self) -> bool:
@@ -121,12 +146,32 @@ class TensorPGD(ProjectedGradientDescentPyTorch):
         """Scalar loss that PGD ascends. Summed over the batch: each sample's gradient is its own."""
         return F.cross_entropy(logits, y, reduction="sum")
 
+    @property
+    def chunk_rows(self) -> int:
+        """Rows per gradient pass now: 0 (the whole batch) in train mode, else `gradient_chunk`."""
+        if self.estimator.model.training:
+            return 0
+        chunk = self.gradient_chunk
+        return auto_gradient_chunk(self.estimator.device) if chunk is None else int(chunk)
+
     def input_gradient(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Gradient of the attack loss with respect to the input only (no parameter gradients)."""
-        with torch.enable_grad():  # callers may evaluate under torch.no_grad()
-            x = x.detach().requires_grad_(True)
-            loss = self.attack_loss(self.logits(x), y)
-            (grad,) = torch.autograd.grad(loss, x)
+        """Gradient of the attack loss with respect to the input only (no parameter gradients),
+        in passes of `chunk_rows` rows."""
+        chunk = self.chunk_rows
+        if not chunk or x.shape[0] <= chunk:
+            return self._input_gradient(x, y, slice(None))
+        return torch.cat([self._input_gradient(x[i:i + chunk], y[i:i + chunk], slice(i, i + chunk))
+                          for i in range(0, x.shape[0], chunk)])
+
+    def _input_gradient(self, x: torch.Tensor, y: torch.Tensor, rows: slice) -> torch.Tensor:
+        self.rows = rows
+        try:
+            with torch.enable_grad():  # callers may evaluate under torch.no_grad()
+                x = x.detach().requires_grad_(True)
+                loss = self.attack_loss(self.logits(x), y)
+                (grad,) = torch.autograd.grad(loss, x)
+        finally:
+            self.rows = slice(None)
         return -grad if self.targeted else grad
 
     # ART hook, so that ART's own `_generate_batch` machinery also uses the input-only gradient.

@@ -56,7 +56,7 @@ def default_attack_steps(method: str) -> int:
 def _attack_settings(config) -> dict:
     steps = config.attack_steps if config.attack_steps is not None else default_attack_steps(config.method)
     return dict(nb_epochs=config.epochs, batch_size=config.batch_size, eps=config.eps, eps_step=config.step_size,
-                max_iter=steps, eval_attack_steps=config.eval_attack_steps)
+                max_iter=steps, eval_attack_steps=config.eval_attack_steps, attack_chunk=config.attack_chunk)
 
 
 @METHODS.register("pgd-at")

@@ -65,6 +65,8 @@ class PGDATTrainer(AdversarialTrainerMadryPGD):
     :param checkpoint_dir: where `last.pt` and `best.pt` (by validation robust accuracy) are written.
     :param callbacks: called as `callback(epoch, metrics)` after each epoch (e.g. MLflow logging).
     :param seed: when set, per-epoch re-seeding and per-batch attack generators (exact resume).
+    :param attack_chunk: rows per input-gradient pass of the training and validation attacks (speed
+        only, see `TensorPGD`'s ``gradient_chunk``); None keeps the attacks' "auto".
     :param keep_last: also keep the ``keep_last`` most recent per-epoch checkpoints ``epoch_XXX.pt``.
     """
 
@@ -72,7 +74,8 @@ class PGDATTrainer(AdversarialTrainerMadryPGD):
                  batch_size: int = 128, eps: float = 8 / 255, eps_step: float = 2 / 255, max_iter: int = 10,
                  scheduler=None, eval_attack_steps: int = 20, checkpoint_dir: Optional[str | Path] = None,
                  checkpoint_meta: Optional[dict] = None, callbacks: Sequence[EpochCallback] = (),
-                 progress: bool = False, seed: Optional[int] = None, keep_last: int = 0) -> None:
+                 progress: bool = False, seed: Optional[int] = None, keep_last: int = 0,
+                 attack_chunk: Optional[int] = None) -> None:
         # ART's __init__ would build its own numpy PGD and AdversarialTrainer; we only need the base.
         Trainer.__init__(self, classifier)
         self.nb_epochs = nb_epochs
@@ -81,6 +84,10 @@ class PGDATTrainer(AdversarialTrainerMadryPGD):
         self.eval_attack = TensorPGD(classifier, norm=self.attack.norm, eps=float(self.attack.eps),
                                      eps_step=float(self.attack.eps_step), max_iter=eval_attack_steps,
                                      batch_size=batch_size)
+        if attack_chunk is not None:  # None: each attack's own ("auto": 32 rows on the CPU, whole batch on CUDA)
+            for built in (self.attack, self.eval_attack):
+                if isinstance(built, TensorPGD):
+                    built.set_params(gradient_chunk=attack_chunk)
         self.scheduler = scheduler
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.checkpoint_meta = dict(checkpoint_meta or {})
@@ -206,6 +213,7 @@ class PGDATTrainer(AdversarialTrainerMadryPGD):
             bad = ~torch.isfinite(values).all()
         any_bad, stop = agree_max([bad, self.stop_signal or 0], self.dist, loss.device)
         if any_bad:
+            self.dist.stopped_together = True  # every rank raises here: they may meet at a barrier to end
             check_finite(loss, terms, epoch, batch, self.nb_epochs, nb_batches, self._kept_note)  # raises if here
             where = f"epoch {epoch + 1}/{self.nb_epochs}, batch {batch + 1}" + (f"/{nb_batches}" if nb_batches else "")
             raise NonFiniteLoss(f"non-finite training loss on another process at {where}; training stopped before "
@@ -224,6 +232,8 @@ class PGDATTrainer(AdversarialTrainerMadryPGD):
     def _interrupted(self, where: str) -> TrainingInterrupted:
         saved = f"checkpoint saved to {str(self.checkpoint_dir / 'last.pt')!r}" if self.checkpoint_dir else (
             "no checkpoint folder: call state_dict() to keep the state")
+        if self.dist is not None:  # only ever raised after the ranks agreed to stop at this point
+            self.dist.stopped_together = True
         if self.dist is not None and not self.dist.is_main:
             saved = f"rank {self.dist.rank} stopped with the others (rank 0 writes the checkpoint)"
         return TrainingInterrupted(f"{signal_name(self.stop_signal)} {where}: {saved}", self.stop_signal)

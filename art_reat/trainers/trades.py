@@ -86,6 +86,8 @@ class TradesKLPGD(NormalStartPGD):
 
     def attack_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         target = self._target_log
+        if target is not None:
+            target = target[self.rows]  # the chunk of the batch whose gradient is being taken
         if target is None or target.shape != logits.shape:
             raise UsageError("the TRADES attack needs the natural batch: call perturb(x, y) (masks are not supported)")
         return F.kl_div(F.log_softmax(logits, dim=1), target, reduction="sum", log_target=True)
