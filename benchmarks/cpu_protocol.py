@@ -18,7 +18,7 @@ latest `clean_acc`). Finally ``art_reat.reporting.make_report`` builds the table
 the script writes ``benchmarks/results/cpu_protocol.md`` with the table, the exact command, the
 machine, the date and the time each phase took.
 
-    python benchmarks/cpu_protocol.py            # the protocol (about 60 minutes on 2 cores)
+    python benchmarks/cpu_protocol.py            # the protocol (27 min measured on an idle 2-core machine)
     python benchmarks/cpu_protocol.py --quick    # the same pipeline at a toy scale (about 2 minutes)
 
 ``--quick`` writes to ``outputs/cpu_protocol_quick/`` (never to benchmarks/results) unless
@@ -58,6 +58,7 @@ SCALES = {
     # Estimate: training about 29 min (4 methods x 3 epochs x 75 batches, with validation and the AE
     # probe), clean / PGD-20 / CW-30 / PGD-20 (x10) on 1000 images about 6 min, AutoAttack on 100
     # images about 8 min: about 45 of the 60 minutes, leaving room for a slower or busier machine.
+    # Measured on 2026-11-22 (idle, with the attacks' 32-row CPU chunks): 26.6 min in all.
     "full": dict(train_subset=10000, epochs=3, milestones=[2], eval_samples=1000, aa_samples=100,
                  cw_steps=30, attack_steps=None, eval_attack_steps=10, batch_size=128, ae_probe=256),
     # the pipeline at a toy scale; AutoAttack (minutes even on 20 images) only with --aa-samples N

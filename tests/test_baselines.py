@@ -244,6 +244,22 @@ def test_trades_attack_maximises_kl_from_a_small_normal_start():
         attack.attack_loss(z_nat, y)  # no natural batch outside perturb
 
 
+@pytest.mark.parametrize("method", ["trades", "mart"])
+def test_trades_and_mart_random_start_comes_from_the_batch_generator(method):
+    """The training attack's start is drawn from the trainer's per-batch generator (exact resume,
+    the same start on every rank), not from the global RNG."""
+    trainer = build_trainer(tiny_config(method))
+    x, y = batch()
+    crafted = []
+    for global_seed, batch_seed in ((1, 5), (2, 5), (1, 6)):
+        torch.manual_seed(global_seed)
+        trainer.batch_generator = torch.Generator().manual_seed(batch_seed)
+        crafted.append(trainer.craft(x, y))
+        trainer._natural = None
+    assert torch.equal(crafted[0], crafted[1])  # other global RNG, same batch generator: same examples
+    assert not torch.equal(crafted[0], crafted[2])
+
+
 def test_trades_outer_loss_is_lt_loss_plus_beta_kl():
     config = tiny_config("trades", trades_beta=3.0)
     trainer = build_trainer(config)

@@ -23,37 +23,19 @@ from typing import Tuple
 import torch
 
 from art_reat.losses import mart_terms
-from art_reat.trainers.pgd_at import PGDATTrainer
-from art_reat.trainers.trades import NaturalBatchMixin, NormalStartPGD, check_beta
+from art_reat.trainers.trades import NaturalBatchTrainer
 
 
-class MARTTrainer(NaturalBatchMixin, PGDATTrainer):
-    """MART with the classifier's long-tail loss inside the boosted CE (see the module docstring).
+class MARTTrainer(NaturalBatchTrainer):
+    """MART with the classifier's long-tail loss inside the boosted CE (see the module docstring);
+    ``beta`` = ``--mart-beta`` (the misclassification-aware KL's weight)."""
 
-    :param beta: weight of the misclassification-aware KL term (``--mart-beta``).
-    :param random_start: of the training attack ("normal": 0.001 * N(0, I), the MART code).
-    Other keyword arguments go to `PGDATTrainer`.
-    """
-
-    def __init__(self, classifier, *, beta: float = 6.0, random_start: str = "normal", **kwargs) -> None:
-        self.beta = check_beta("mart-beta", beta)
-        self.random_start = random_start
-        super().__init__(classifier, **kwargs)
-
-    def build_attack(self, eps: float, eps_step: float, max_iter: int) -> NormalStartPGD:
-        return NormalStartPGD(self._classifier, eps=eps, eps_step=eps_step, max_iter=max_iter,
-                              random_start=self.random_start, batch_size=self.batch_size)
+    beta_option, state_key = "mart-beta", "mart"
 
     def training_loss(self, x_adv: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, dict]:
-        x_nat = self.take_natural(x_adv)
-        model = self._classifier.model
-        z_nat = model(x_nat)
-        z_adv = model(x_adv)
+        z_nat, z_adv = self.natural_and_adversarial_logits(x_adv)
         boosted, robust = mart_terms(z_nat, z_adv, y, self.beta, adv_loss=self._classifier._loss)
         return boosted + robust, z_adv, {"bce": boosted.detach(), "mart_kl": robust.detach()}
-
-    def extra_state(self) -> dict:
-        return {"mart": {"beta": self.beta, "random_start": self.random_start}}
 
 
 __all__ = ["MARTTrainer"]

@@ -98,56 +98,66 @@ class TradesKLPGD(NormalStartPGD):
         return super().generate(x, y, **kwargs)
 
 
-class NaturalBatchMixin:
-    """For trainers whose outer loss needs the natural batch as well: `craft` keeps it."""
-
-    _natural: Optional[torch.Tensor] = None
-
-    def craft(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        self._natural = x
-        return self.attack.perturb(x, y)
-
-    def take_natural(self, x_adv: torch.Tensor) -> torch.Tensor:
-        x_nat, self._natural = self._natural, None
-        if x_nat is None or x_nat.shape != x_adv.shape:
-            raise RuntimeError(f"{type(self).__name__}.training_loss needs the natural batch: call craft(x, y) first")
-        return x_nat
-
-
 def check_beta(name: str, beta: float) -> float:
     if not (isinstance(beta, (int, float)) and math.isfinite(float(beta)) and float(beta) >= 0):
         raise UsageError(f"invalid {name} {beta!r}: must be a number >= 0")
     return float(beta)
 
 
-class TRADESTrainer(NaturalBatchMixin, PGDATTrainer):
-    """TRADES with the classifier's long-tail loss as the natural loss (see the module docstring).
+class NaturalBatchTrainer(PGDATTrainer):
+    """Base of the trainers whose outer loss needs the natural batch too (TRADES, MART): a weight
+    ``beta`` of the robust term, a normal-start training attack of class `attack_class`, and `craft`
+    keeping the natural batch for `natural_and_adversarial_logits`.
 
-    :param beta: weight of the KL term (``--trades-beta``).
-    :param random_start: of the training attack ("normal": 0.001 * N(0, I), the TRADES code).
+    :param beta: weight of the robust term (the option named `beta_option`).
+    :param random_start: of the training attack ("normal": 0.001 * N(0, I), the TRADES / MART code).
     Other keyword arguments go to `PGDATTrainer`.
     """
 
+    attack_class = NormalStartPGD
+    beta_option = "beta"  # the option's name in error messages
+    state_key = "natural-batch"  # the key of `extra_state` in checkpoints
+    _natural: Optional[torch.Tensor] = None
+
     def __init__(self, classifier, *, beta: float = 6.0, random_start: str = "normal", **kwargs) -> None:
-        self.beta = check_beta("trades-beta", beta)
+        self.beta = check_beta(self.beta_option, beta)
         self.random_start = random_start
         super().__init__(classifier, **kwargs)
 
-    def build_attack(self, eps: float, eps_step: float, max_iter: int) -> TradesKLPGD:
-        return TradesKLPGD(self._classifier, eps=eps, eps_step=eps_step, max_iter=max_iter,
-                           random_start=self.random_start, batch_size=self.batch_size)
+    def build_attack(self, eps: float, eps_step: float, max_iter: int) -> NormalStartPGD:
+        return self.attack_class(self._classifier, eps=eps, eps_step=eps_step, max_iter=max_iter,
+                                 random_start=self.random_start, batch_size=self.batch_size)
 
-    def training_loss(self, x_adv: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, dict]:
-        x_nat = self.take_natural(x_adv)
+    def craft(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self._natural = x
+        return super().craft(x, y)
+
+    def natural_and_adversarial_logits(self, x_adv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The model's logits on the natural batch kept by `craft`, then on ``x_adv`` (train mode, in
+        the order of the TRADES / MART code)."""
+        x_nat, self._natural = self._natural, None
+        if x_nat is None or x_nat.shape != x_adv.shape:
+            raise RuntimeError(f"{type(self).__name__}.training_loss needs the natural batch: call craft(x, y) first")
         model = self._classifier.model
         z_nat = model(x_nat)
-        z_adv = model(x_adv)
+        return z_nat, model(x_adv)
+
+    def extra_state(self) -> dict:
+        return {self.state_key: {"beta": self.beta, "random_start": self.random_start}}
+
+
+class TRADESTrainer(NaturalBatchTrainer):
+    """TRADES with the classifier's long-tail loss as the natural loss (see the module docstring);
+    ``beta`` = ``--trades-beta``."""
+
+    attack_class = TradesKLPGD
+    beta_option, state_key = "trades-beta", "trades"
+
+    def training_loss(self, x_adv: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, dict]:
+        z_nat, z_adv = self.natural_and_adversarial_logits(x_adv)
         natural = self._classifier._loss(z_nat, y)
         kl = trades_kl(z_nat, z_adv, self.beta)
         return natural + kl, z_adv, {"lt": natural.detach(), "trades": kl.detach()}
 
-    def extra_state(self) -> dict:
-        return {"trades": {"beta": self.beta, "random_start": self.random_start}}
 
-
-__all__ = ["NORMAL_START_STD", "NaturalBatchMixin", "NormalStartPGD", "TRADESTrainer", "TradesKLPGD", "check_beta"]
+__all__ = ["NORMAL_START_STD", "NaturalBatchTrainer", "NormalStartPGD", "TRADESTrainer", "TradesKLPGD", "check_beta"]
