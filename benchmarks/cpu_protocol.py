@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Dict
 
+from machine_info import cpu_model  # benchmarks/machine_info.py (the script's folder is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 
@@ -100,17 +102,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     default_out = args.work_dir / "cpu_protocol.md" if args.quick else REPO / "benchmarks" / "results" / "cpu_protocol.md"
     args.out = Path(args.out) if args.out else default_out
     return args
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def machine() -> str:

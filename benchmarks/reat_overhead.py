@@ -40,6 +40,8 @@ import statistics
 import time
 from typing import Callable, Dict, List, Sequence, Tuple
 
+from machine_info import cpu_model  # benchmarks/machine_info.py (the script's folder is on sys.path)
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -72,17 +74,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available on this machine")
     return torch.device(name)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_lines(device: torch.device) -> List[str]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import platform
 import resource
 import statistics
 import time
@@ -31,6 +30,8 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from machine_info import cpu_model  # benchmarks/machine_info.py (the script's folder is on sys.path)
 
 
 def parse_args():
@@ -189,7 +190,7 @@ def main() -> None:
     best = {key: min(v) for key, v in times.items()}
     print(f"# throughput: {args.model}, batch {args.batch_size}, {args.batches} batches x {args.repeats} repeats "
           f"(interleaved{'' if args.no_warmup else ', after a one-batch warm-up per variant'}), device {device}")
-    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+    print(f"# {cpu_model()}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}, {datetime.datetime.now().isoformat(timespec='minutes')}")
     print(f"{'variant':<50}{'median':>8}{'min':>8}  samples (s/batch)" + (f"{'peak MiB':>10}" if peaks else ""))
     for key, (label, _) in variants.items():

@@ -18,9 +18,9 @@ from typing import Dict, List
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from click.testing import Result
 
-from cli.main import main
+from support import describe, invoke
 
 C = 10
 TRAIN_COUNTS = [30, 20, 14, 10, 7, 5, 4, 4, 3, 3]  # long-tailed, every class present
@@ -94,17 +94,6 @@ def trained(tmp_path_factory) -> Trained:
 # ----------------------------------------------------------------------------- helpers
 
 
-def invoke(args: List[str]) -> Result:
-    return CliRunner().invoke(main, args)
-
-
-def describe(result: Result) -> str:
-    import traceback
-
-    text = f"exit code {result.exit_code}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr[-4000:]}"
-    if result.exc_info is not None and not isinstance(result.exception, SystemExit):
-        text += "\n--- exception\n" + "".join(traceback.format_exception(*result.exc_info))
-    return text
 
 
 @pytest.fixture

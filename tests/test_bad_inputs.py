@@ -32,6 +32,7 @@ from click.testing import CliRunner
 from art_reat.config import TrainConfig
 from art_reat.errors import ArtReatError
 from cli.main import main
+from support import describe, fresh_mlflow_store
 
 C = 4
 COUNTS = [24, 12, 8, 6]
@@ -118,17 +119,6 @@ class Context:
         return re.sub(r"\{data:([\w-]+)\}", lambda m: str(self.data[m.group(1)]), text)
 
 
-def template_store(tmp_path_factory, name: str) -> str:
-    """A fresh SQLite store, copied from a session-wide template (MLflow's schema is slow to create)."""
-    template = tmp_path_factory.getbasetemp() / "mlflow-template" / "mlflow.db"
-    if not template.exists():
-        from mlflow.tracking import MlflowClient
-
-        template.parent.mkdir(parents=True, exist_ok=True)
-        MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
-    folder = tmp_path_factory.mktemp(name)
-    shutil.copy(template, folder / "mlflow.db")
-    return f"sqlite:///{folder / 'mlflow.db'}"
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +127,7 @@ def context(tmp_path_factory) -> Context:
 
     root = tmp_path_factory.mktemp("bad-inputs")
     data = write_bad_data(root / "data")
-    uri = template_store(tmp_path_factory, "bad-inputs-store")
+    uri = fresh_mlflow_store(tmp_path_factory, "bad-inputs-store")
     config = TrainConfig(dataset="npz", data_dir=str(data["good"]), model="small-cnn", epochs=2, batch_size=16,
                          attack_steps=1, eval_attack_steps=1, val_fraction=0.2, device="cpu", tracking_uri=uri,
                          output_dir=str(root / "out"), experiment="reference")
@@ -346,13 +336,6 @@ def build(ctx: Context, kind: str, spec) -> tuple:
     return ["attack", *_flags(cli_values)], api
 
 
-def describe(result) -> str:
-    import traceback
-
-    text = f"exit code {result.exit_code}\n--- stdout\n{result.stdout[-2000:]}\n--- stderr\n{result.stderr[-4000:]}"
-    if result.exc_info is not None and not isinstance(result.exception, SystemExit):
-        text += "\n--- exception\n" + "".join(traceback.format_exception(*result.exc_info))
-    return text
 
 
 def test_the_matrix_has_at_least_20_rows_of_each_interface():

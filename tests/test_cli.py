@@ -17,10 +17,10 @@ from typing import Dict, List, Optional
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from click.testing import Result
 
 from art_reat.config import TrainConfig
-from cli.main import main
+from support import describe, invoke
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 HAVE_DATA = all((DATA_DIR / "cifar10" / f"{split}.npz").is_file() for split in ("train", "test"))
@@ -42,18 +42,6 @@ EPOCH_METRICS = ("train/loss", "train/adv_acc", "val/clean_acc", "val/pgd2_acc",
 # ----------------------------------------------------------------------------- helpers
 
 
-def invoke(args: List[str]) -> Result:
-    return CliRunner().invoke(main, args)
-
-
-def describe(result: Result) -> str:
-    """Exit code, output and any exception of a CliRunner result, for assertion messages."""
-    import traceback
-
-    text = f"exit code {result.exit_code}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr[-4000:]}"
-    if result.exc_info is not None and not isinstance(result.exception, SystemExit):
-        text += "\n--- exception\n" + "".join(traceback.format_exception(*result.exc_info))
-    return text
 
 
 def store_uri(folder: Path) -> str:

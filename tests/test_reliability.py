@@ -31,6 +31,7 @@ from art_reat.checkpoints import load_checkpoint, manifest_path, write_checkpoin
 from art_reat.config import TrainConfig
 from art_reat.errors import CheckpointWriteError, DataError, TrainingInterrupted
 from cli.main import main
+from support import fresh_mlflow_store
 
 C = 4
 COUNTS = [24, 12, 8, 6]
@@ -60,22 +61,11 @@ def write_npz(folder: Path, counts=COUNTS, test_per_class: int = 4, seed: int = 
     return folder
 
 
-def mlflow_store(tmp_path_factory, name: str) -> str:
-    """A fresh SQLite store, copied from a session-wide template (MLflow's schema is slow to create)."""
-    template = tmp_path_factory.getbasetemp() / "mlflow-template" / "mlflow.db"
-    if not template.exists():
-        from mlflow.tracking import MlflowClient
-
-        template.parent.mkdir(parents=True, exist_ok=True)
-        MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
-    folder = tmp_path_factory.mktemp(name)
-    shutil.copy(template, folder / "mlflow.db")
-    return f"sqlite:///{folder / 'mlflow.db'}"
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
-    return mlflow_store(tmp_path_factory, "reliability-store")
+    return fresh_mlflow_store(tmp_path_factory, "reliability-store")
 
 
 @pytest.fixture(scope="module")
@@ -454,7 +444,7 @@ def test_resume_of_a_checkpoint_whose_run_is_not_in_the_store_starts_a_run_with_
     first = train(make_config(data_dir, store, tmp_path / "out", "copied", epochs=2, attack_steps=1))
     copy = tmp_path / "copied"
     shutil.copytree(first.checkpoint_dir, copy)
-    other = mlflow_store(tmp_path_factory, "other-store")
+    other = fresh_mlflow_store(tmp_path_factory, "other-store")
     result = resume_training(str(copy / "last.pt"), {"tracking_uri": other, "epochs": 3,
                                                      "output_dir": str(tmp_path / "out2")})
     assert result.run_id != first.run_id and len(result.history) == 3
