@@ -354,3 +354,29 @@ def test_sweep_refuses_to_run_under_torchrun(monkeypatch):
         monkeypatch.setenv(name, value)
     result = CliRunner().invoke(main, ["sweep", "--seed", "0", "--seed", "1"])
     assert result.exit_code == 2 and "a sweep runs in one process" in result.output
+
+
+def test_end_meets_at_a_barrier_only_after_an_agreed_stop(monkeypatch):
+    """`distributed.end`: barrier then teardown when every rank stopped together; straight teardown
+    after an error on one rank (its peers may never reach a barrier); a failing barrier still tears down."""
+    from art_reat import distributed
+    from art_reat.distributed import DistContext
+
+    calls = []
+    monkeypatch.setattr(distributed, "abort", lambda ctx: calls.append("abort"))
+
+    class Ctx(DistContext):
+        def barrier(self):
+            calls.append("barrier")
+            if self.local_rank == 99:
+                raise RuntimeError("peer gone")
+
+    distributed.end(Ctx(0, 2, 0, torch.device("cpu"), "gloo"))
+    assert calls == ["abort"]
+    calls.clear()
+    distributed.end(Ctx(0, 2, 0, torch.device("cpu"), "gloo", stopped_together=True))
+    assert calls == ["barrier", "abort"]
+    calls.clear()
+    distributed.end(Ctx(0, 2, 99, torch.device("cpu"), "gloo", stopped_together=True))
+    assert calls == ["barrier", "abort"]
+    distributed.end(None)  # one process: nothing to do
