@@ -24,9 +24,9 @@ model wrapped by `art_reat.accel.accelerate`, the training forward runs inside `
 (DDP under torchrun). With ``dist`` set, the loader is a `ShardedLoader`: the trainer hands the batch's
 `BatchShard` to the attack (random start of the global batch) and to the classifier (TAIL on the
 gathered batch), rescales the loss of uneven slices, agrees with the other ranks once per batch on a
-stop request or a non-finite loss, and all-reduces the epoch's sums and counts; the method's own
-running state is summed by `all_reduce_running_state` before a mid-epoch checkpoint (written by rank
-0) and dropped by `drop_running_state` on the other ranks when such a checkpoint is resumed.
+stop request or a non-finite loss, and all-reduces the epoch's sums and counts (before a mid-epoch
+checkpoint, written by rank 0, and at the end of the epoch; on a mid-epoch resume the other ranks
+start from zero).
 """
 
 from __future__ import annotations
@@ -107,6 +107,10 @@ class PGDATTrainer(AdversarialTrainerMadryPGD):
         self._pending_rng: Optional[dict] = None  # RNG states of a loaded checkpoint, restored by fit_loader
         # several processes (torchrun; `art_reat.distributed`): set by `train()`, None in one process
         self.dist: Optional[DistContext] = None
+        #: what the training AEs of the current epoch are predicted as, per class (train-mode logits
+        #: before the optimiser step); summed over the ranks at a stop and at the end of the epoch, so
+        #: that `on_epoch_end` sees the epoch's global counts (REAT's RBL weights come from them)
+        self.adv_pred_counts = torch.zeros(classifier.nb_classes, dtype=torch.long, device=classifier.device)
 
     # ----------------------------------------------------------------------------- hooks
     def build_attack(self, eps: float, eps_step: float, max_iter: int) -> TensorPGD:
@@ -143,14 +147,6 @@ class PGDATTrainer(AdversarialTrainerMadryPGD):
 
     def load_extra_state(self, state: dict) -> None:
         pass
-
-    def all_reduce_running_state(self) -> None:
-        """Several processes: sum the method's running per-epoch state over the ranks, before a
-        mid-epoch checkpoint is written by rank 0 (e.g. REAT's prediction counts)."""
-
-    def drop_running_state(self) -> None:
-        """Several processes, ranks other than 0, after a mid-epoch resume: the checkpoint's running
-        state is the sum over all ranks, which rank 0 carries on; the others start from zero."""
 
     # ----------------------------------------------------------------------------- ART interface
     def get_classifier(self):
@@ -234,8 +230,8 @@ class PGDATTrainer(AdversarialTrainerMadryPGD):
             "no checkpoint folder: call state_dict() to keep the state")
         if self.dist is not None:  # only ever raised after the ranks agreed to stop at this point
             self.dist.stopped_together = True
-        if self.dist is not None and not self.dist.is_main:
-            saved = f"rank {self.dist.rank} stopped with the others (rank 0 writes the checkpoint)"
+            if not self.dist.is_main:
+                saved = f"rank {self.dist.rank} stopped with the others (rank 0 writes the checkpoint)"
         return TrainingInterrupted(f"{signal_name(self.stop_signal)} {where}: {saved}", self.stop_signal)
 
     def _begin_epoch(self, epoch: int) -> Optional[dict]:
@@ -275,20 +271,19 @@ class PGDATTrainer(AdversarialTrainerMadryPGD):
         term_sums: Dict[str, torch.Tensor] = {}
         correct = torch.zeros((), device=device, dtype=torch.long)
         # what the training AEs are predicted as, per class (every method; Figs. 1/5/6/11 of the paper)
-        adv_pred = torch.zeros(self._classifier.nb_classes, device=device, dtype=torch.long)
+        adv_pred = self.adv_pred_counts = torch.zeros(self._classifier.nb_classes, device=device, dtype=torch.long)
         seen = 0
         skip = 0
         if partial is not None:
             skip, seen, lr = int(partial["batch"]), int(partial["seen"]), float(partial["lr"])
             loss_sum = partial["loss_sum"].to(device)
             correct = partial["correct"].to(device)
-            adv_pred = partial["adv_pred"].to(device)
+            adv_pred = self.adv_pred_counts = partial["adv_pred"].to(device)
             term_sums = {k: v.to(device) for k, v in partial["term_sums"].items()}
             if dist is not None and not dist.is_main:  # the saved sums are global: rank 0 carries them on
                 seen = 0
                 loss_sum, correct, adv_pred = loss_sum.zero_(), correct.zero_(), adv_pred.zero_()
                 term_sums = {k: v.zero_() for k, v in term_sums.items()}
-                self.drop_running_state()
         nb_batches = len(loader) if hasattr(loader, "__len__") else None
         batches = _progress(loader, f"epoch {epoch + 1}/{self.nb_epochs}", self.progress)
         try:
@@ -322,14 +317,16 @@ class PGDATTrainer(AdversarialTrainerMadryPGD):
                 loss_sum += loss.detach().double() * n
                 for name, value in terms.items():
                     term_sums[name] = term_sums.get(name, 0) + value.detach().double() * n
-                correct += (logits.argmax(dim=1) == y).sum()
-                adv_pred += torch.bincount(logits.argmax(dim=1), minlength=adv_pred.numel())[:adv_pred.numel()]
+                pred = logits.argmax(dim=1)
+                correct += (pred == y).sum()
+                # scatter_add, not bincount: bincount reads min/max back to the host (a sync per batch on CUDA)
+                adv_pred.scatter_add_(0, pred, torch.ones_like(pred))
                 stop = agreed if dist is not None else self.stop_signal  # ranks stop at the same batch
                 if stop is not None and (nb_batches is None or batch + 1 < nb_batches):
                     if dist is not None:  # rank 0 writes the global running state
                         seen, loss_sum, correct, adv_pred, term_sums = _all_reduce_sums(
                             dist, seen, loss_sum, correct, adv_pred, term_sums)
-                        self.all_reduce_running_state()
+                        self.adv_pred_counts = adv_pred
                     if dist is None or dist.is_main:
                         self._save_partial({"epoch": epoch, "batch": batch + 1, "seen": seen, "lr": lr,
                                             "loss_sum": loss_sum, "correct": correct, "adv_pred": adv_pred,
@@ -343,6 +340,7 @@ class PGDATTrainer(AdversarialTrainerMadryPGD):
         if dist is not None:  # the epoch's sums and counts over all ranks
             seen, loss_sum, correct, adv_pred, term_sums = _all_reduce_sums(
                 dist, seen, loss_sum, correct, adv_pred, term_sums)
+            self.adv_pred_counts = adv_pred
         if self.scheduler is not None:
             self.scheduler.step()
         metrics = {
