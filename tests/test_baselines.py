@@ -244,6 +244,22 @@ def test_trades_attack_maximises_kl_from_a_small_normal_start():
         attack.attack_loss(z_nat, y)  # no natural batch outside perturb
 
 
+def test_normal_start_is_known_to_normal_start_attacks_only():
+    from art_reat.attacks import TensorPGD
+
+    clf = tiny_parts(tiny_config("trades")).classifier()
+    assert NormalStartPGD(clf).random_start == "normal"
+    for start in ("uniform", "one-sided", "none"):
+        assert NormalStartPGD(clf, random_start=start).random_start == start
+    with pytest.raises(UsageError, match=r"'gaussian'.*uniform, one-sided, none, normal"):
+        NormalStartPGD(clf, random_start="gaussian")
+    with pytest.raises(UsageError, match=r"'normal'.*uniform, one-sided, none$"):
+        TensorPGD(clf, random_start="normal")
+    attack = NormalStartPGD(clf)
+    with pytest.raises(UsageError, match="gaussian"):
+        attack.set_params(random_start="gaussian")
+
+
 @pytest.mark.parametrize("method", ["trades", "mart"])
 def test_trades_and_mart_random_start_comes_from_the_batch_generator(method):
     """The training attack's start is drawn from the trainer's per-batch generator (exact resume,

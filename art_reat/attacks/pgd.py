@@ -65,6 +65,8 @@ class TensorPGD(ProjectedGradientDescentPyTorch):
     """
 
     attack_params = ProjectedGradientDescentPyTorch.attack_params + ["random_start", "model_mode", "gradient_chunk"]
+    #: the random starts this class draws (`_random_delta`); subclasses that add one extend it
+    random_starts = RANDOM_STARTS
     #: when set (an `art_reat.distributed.BatchShard`), the batch given to `perturb` is the slice
     #: ``[start, stop)`` of a batch of ``total`` samples: the random start is drawn for the whole batch
     #: and sliced, so every sample starts where it would in the whole batch (several processes, or an
@@ -124,8 +126,9 @@ class TensorPGD(ProjectedGradientDescentPyTorch):
             raise UsageError(f"invalid step size {self.eps_step!r}: must be a number > 0")
         if not isinstance(self.max_iter, int) or self.max_iter < 1:
             raise UsageError(f"invalid number of attack steps {self.max_iter!r}: must be an integer >= 1")
-        if self.random_start not in RANDOM_STARTS:
-            raise UsageError(f"invalid random start {self.random_start!r}: must be one of {', '.join(RANDOM_STARTS)}")
+        if self.random_start not in self.random_starts:
+            raise UsageError(f"invalid random start {self.random_start!r}: must be one of "
+                             f"{', '.join(self.random_starts)}")
         if self.model_mode not in ("eval", "train"):
             raise UsageError(f"invalid model mode {self.model_mode!r}: must be eval or train")
         chunk = self.gradient_chunk

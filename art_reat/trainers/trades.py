@@ -38,19 +38,10 @@ class NormalStartPGD(TensorPGD):
     """`TensorPGD` whose random start may also be ``"normal"``: ``x + 0.001 * N(0, I)``, not clipped
     before the first step (the TRADES and MART training attacks). Default: "normal"."""
 
+    random_starts = TensorPGD.random_starts + ("normal",)
+
     def __init__(self, estimator, random_start: str = "normal", **kwargs) -> None:
         super().__init__(estimator, random_start=random_start, **kwargs)
-
-    def _check_own_params(self) -> None:
-        start = self.random_start
-        if start == "normal":
-            self.random_start = "uniform"  # the parent's check knows the other starts only
-            try:
-                super()._check_own_params()
-            finally:
-                self.random_start = start
-        else:
-            super()._check_own_params()
 
     def _random_delta(self, x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
         if self.random_start == "normal":
@@ -61,8 +52,8 @@ class NormalStartPGD(TensorPGD):
 class TradesKLPGD(NormalStartPGD):
     """TRADES's training attack: PGD on ``sum_i KL(p(x_i) || softmax(z(x'_i)))``, labels unused.
 
-    ``perturb(x, y)`` computes the natural distribution p(x) (in the attack's model mode, without
-    gradient) and then runs the usual loop; the loss is summed over the batch, so each sample's
+    Each ``perturb(x, y)`` first computes the natural distribution p(x) (in the attack's model mode,
+    parameters frozen, without gradient) and then runs the usual loop; the loss is summed over the batch, so each sample's
     gradient is its own.
     """
 
@@ -70,17 +61,12 @@ class TradesKLPGD(NormalStartPGD):
         super().__init__(estimator, **kwargs)
         self._target_log: Optional[torch.Tensor] = None
 
-    def perturb(self, x: torch.Tensor, y: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        model = self.estimator.model
-        was_training = model.training
-        model.train(self.model_mode == "train")
+    def _pgd_loop(self, x: torch.Tensor, y: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+        # called by `perturb` with the model already in the attack's mode
+        with torch.no_grad():
+            self._target_log = F.log_softmax(self.logits(x), dim=1)
         try:
-            with torch.no_grad():
-                self._target_log = F.log_softmax(self.logits(x.detach()), dim=1)
-        finally:
-            model.train(was_training)
-        try:
-            return super().perturb(x, y, generator)
+            return super()._pgd_loop(x, y, generator)
         finally:
             self._target_log = None
 
